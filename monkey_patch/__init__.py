@@ -1,0 +1,67 @@
+"""Speed patches for Qwen3-MoE, applied to a loaded model through one entry point, `apply_patches`.
+
+Order, and why:
+  1. experts implementation: a named implementation registered with transformers (parameters keep their stock names
+     and shapes, so checkpoints, ZeRO-3 and FSDP see the same tensors);
+  2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance;
+  3. attention implementation: chosen for the batches the run makes (packed or padded);
+  4. FP8 last: it converts the nn.Linear modules that remain after the swaps above.
+Every step is idempotent and logged; an unsupported combination raises an error that says how to fix it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+MOE_KERNELS = ("scattermoe", "grouped_mm", "liger", "eager")
+
+
+def resolve_moe_kernel(requested: str) -> str:
+    """`auto` is our kernel; on a CPU it runs its plain-torch path."""
+    if requested == "auto":
+        return "scattermoe"
+    if requested not in MOE_KERNELS:
+        raise ValueError(f"--moe_kernel {requested!r}: choose one of auto, {', '.join(MOE_KERNELS)}")
+    return requested
+
+
+def resolve_liger(requested: str) -> bool:
+    """Liger's kernels are Triton GPU kernels: `auto` means on where CUDA is available."""
+    if requested == "auto":
+        return torch.cuda.is_available()
+    if requested in ("true", "false"):
+        return requested == "true"
+    raise ValueError(f"--liger {requested!r}: choose auto, true or false")
+
+
+def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
+                  attn_implementation: str = "auto", fp8: bool = False, device: torch.device | str | None = None) -> dict:
+    """Apply the patches to `model` in place; returns what was chosen, for the log.
+
+    `device` is where the model will train (the Trainer moves it there later); default: CUDA if available.
+    """
+    from monkey_patch.liger import apply_liger
+    from monkey_patch.packed_attention import choose_attention
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    applied = {"moe_kernel": resolve_moe_kernel(moe_kernel), "liger": resolve_liger(liger)}
+    if applied["moe_kernel"] == "scattermoe":
+        import monkey_patch.scattermoe  # noqa: F401  registers the "scattermoe" experts implementation
+    if applied["moe_kernel"] == "liger":
+        model.set_experts_implementation("eager")  # LigerExperts replaces the experts modules outright
+    else:
+        model.set_experts_implementation(applied["moe_kernel"])
+    if applied["liger"] or applied["moe_kernel"] == "liger":
+        apply_liger(model, rope=applied["liger"], rms_norm=applied["liger"],
+                    fused_linear_cross_entropy=applied["liger"], experts=applied["moe_kernel"] == "liger")
+    applied["attn_implementation"] = choose_attention(attn_implementation, device)
+    model.set_attn_implementation(applied["attn_implementation"])
+    if fp8:
+        from monkey_patch.fp8 import apply_fp8
+        applied["fp8"] = apply_fp8(model)
+    logger.info("patches applied: %s", applied)
+    return applied

@@ -1,0 +1,268 @@
+"""Triton kernels of the fused ScatterMoE-style experts (idea: Tan et al., arXiv 2403.08245).
+
+Shape legend (suffixes): T tokens, K top_k, E experts, H hidden, I moe intermediate, S = T*K routed rows,
+D the reduction dim of one GEMM, N its output columns, R routed rows reduced over (weight gradients).
+
+Routed rows are processed in expert-sorted order ("sorted row" r = 0..S-1); `slot` is the row's place in the
+flattened [T*K] routing tensors and `tok = slot // K` its token. No permuted copy of X or dY is ever made:
+the kernels gather rows by `tok` themselves and scatter results to `slot`.
+
+Tiles never straddle two experts: each expert's rows are cut into ceil(count/BLOCK_M) tiles and the tile ->
+(expert, first row) map is recomputed in every program from the [E] counts (a cumsum over E <= a few hundred
+values), so BLOCK_M can be autotuned and nothing needs a host sync. The grid is launched for the upper bound
+ceil(S/BLOCK_M) + E tiles; programs past the last tile exit at once.
+"""
+import triton
+import triton.testing
+import triton.language as tl
+
+
+@triton.jit
+def _expert_tile(pid_m, counts_ptr, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(expert, first sorted row, one past the expert's last sorted row) of M-tile `pid_m`; start >= end if idle."""
+    offs_e = tl.arange(0, E_P2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    rows_end = tl.cumsum(cnt, 0)
+    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), 0)
+    sel = offs_e == expert
+    first_tile = tl.sum(tl.where(sel, tiles_end - tiles, 0), 0)
+    row_end = tl.sum(tl.where(sel, rows_end, 0), 0)
+    row_start = tl.sum(tl.where(sel, rows_end - cnt, 0), 0) + (pid_m - first_tile) * BLOCK_M
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _gather_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, dw_ptr,
+    S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, stride_cm, S_BUCKET,
+    E_P2: tl.constexpr, SWIGLU_BWD: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """C[r] = A[tok[r]] @ B[e(r)] for sorted rows r (scattered -> grouped).
+
+    Forward gate_up: A = X [T, H], B[e][d, n] = gate_up_proj[e, n, d], C = h [S, 2I].
+    Backward (SWIGLU_BWD): A = dY [T, H], B[e][d, n] = down_proj[e, d, n], so acc = g = dY[tok] @ down[e] [S, I];
+    the epilogue recomputes a = silu(gate) * up from h [S, 2I] and writes dH [S, 2I] = SwiGLU backward of w * g,
+    and partial <g, a> row sums (the routing-weight gradient) to dw [ceil(I / BLOCK_N), S] (one row per N-tile,
+    summed by the caller: deterministic, unlike atomics).
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, row_start, row_end = _expert_tile(pid_m, counts_ptr, E, E_P2, BLOCK_M)
+    if row_start >= row_end:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    # Rows past the expert's end gather token 0 (a valid row): their results are never stored, and the A loads
+    # then need no row mask.
+    tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    offs_d = tl.arange(0, BLOCK_D)
+    a_ptrs = a_ptr + tok[:, None] * stride_am + offs_d[None, :]
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_d[:, None] * stride_bd + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            dmask = offs_d < D - d0
+            a = tl.load(a_ptrs, mask=dmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=dmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_D
+        b_ptrs += BLOCK_D * stride_bd
+    out_ty = c_ptr.dtype.element_ty
+    mask2 = rmask[:, None] & cmask[None, :]
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+    if SWIGLU_BWD:
+        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * (2 * N) + cols[None, :]
+        gate = tl.load(h_ptrs, mask=mask2, other=0.0).to(tl.float32)
+        up = tl.load(h_ptrs + N, mask=mask2, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        # a exactly as the forward fed it to the down GEMM (rounded to the activation dtype).
+        a = (silu * up).to(out_ty).to(tl.float32)
+        tl.store(dw_ptr + pid_n * S + rows, tl.sum(acc * a, 1), mask=rmask)
+        da = acc * w[:, None]
+        tl.store(c_ptrs, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty), mask=mask2)
+        tl.store(c_ptrs + N, (da * silu).to(out_ty), mask=mask2)
+    else:
+        tl.store(c_ptrs, acc.to(out_ty), mask=mask2)
+
+
+@triton.jit
+def _scatter_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, slot_ptr, counts_ptr, w_ptr,
+    S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, stride_cm, S_BUCKET,
+    E_P2: tl.constexpr, SWIGLU_IN: tl.constexpr, SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """C[slot[r]] = (w[r] *) A[r] @ B[e(r)] for sorted rows r (grouped -> scattered).
+
+    Forward down: A = silu(h[:, :I]) * h[:, I:] computed tile by tile from h [S, 2I] (SWIGLU_IN; the [S, I]
+    activation never exists in memory), B[e][d, n] = down_proj[e, n, d], SCALE by the routing weight; C [S, H]
+    in slot order, so that Y = C.view(T, K, H).sum(1).
+    Backward dX: A = dH [S, 2I], B[e][d, n] = gate_up_proj[e, d, n], C [S, H] in slot order.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, row_start, row_end = _expert_tile(pid_m, counts_ptr, E, E_P2, BLOCK_M)
+    if row_start >= row_end:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    # Out-of-tile rows re-read the tile's first row (in bounds, never stored), so A loads need no row mask.
+    rows_safe = tl.where(rmask, rows, row_start).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    offs_d = tl.arange(0, BLOCK_D)
+    a_ptrs = a_ptr + rows_safe[:, None] * stride_am + offs_d[None, :]
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_d[:, None] * stride_bd + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        if EVEN_D:
+            dmask_a = offs_d[None, :] < BLOCK_D
+            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            dmask_a = offs_d[None, :] < D - d0
+            b = tl.load(b_ptrs, mask=(offs_d[:, None] < D - d0) & cmask[None, :], other=0.0)
+        if SWIGLU_IN:
+            gate = tl.load(a_ptrs, mask=dmask_a, other=0.0).to(tl.float32)
+            up = tl.load(a_ptrs + D, mask=dmask_a, other=0.0).to(tl.float32)
+            a = (gate * tl.sigmoid(gate) * up).to(b.dtype)
+        else:
+            a = tl.load(a_ptrs, mask=dmask_a, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_D
+        b_ptrs += BLOCK_D * stride_bd
+    if SCALE:
+        acc = acc * tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    c_ptrs = c_ptr + slot[:, None] * stride_cm + cols[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _expert_wgrad_kernel(
+    a_ptr, b_ptr, c_ptr, a_idx_ptr, b_idx_ptr, counts_ptr, order_ptr, w_ptr,
+    E, M, N, stride_ar, stride_br, stride_ce, stride_cm, S_BUCKET,
+    E_P2: tl.constexpr, A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr,
+    B_SWIGLU: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """C[e] [M, N] = sum over expert e's sorted rows r of A_row(r)^T B_row(r) (reduction over routed rows).
+
+    dW2 = down_proj.grad [E, H, I]: A_row = w[r] * dY[tok[r]] (A_GATHER, A_SCALE), B_row = silu(gate)*up from h.
+    dW1 = gate_up_proj.grad [E, 2I, H]: A_row = dH[r], B_row = X[tok[r]] (B_GATHER).
+    Experts are visited in `order` (most rows first) so that with skewed routing the long reductions start
+    first instead of forming the tail. Experts with no rows get zeros.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_e = num_m * num_n
+    expert = tl.load(order_ptr + pid // per_e)
+    rest = pid % per_e
+    pid_m = rest // num_n
+    pid_n = rest % num_n
+    offs_e = tl.arange(0, E_P2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    sel = offs_e == expert
+    r_end = tl.sum(tl.where(sel, tl.cumsum(cnt, 0), 0), 0)
+    r_start = r_end - tl.sum(tl.where(sel, cnt, 0), 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < M
+    nmask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + offs_r
+        rmask = rows < r_end
+        # The reduction runs over rows, so rows past the expert's end must load as zeros (masked), not as
+        # another row's data.
+        if A_GATHER:
+            a_rows = tl.load(a_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            a_rows = rows.to(tl.int64)
+        a_t = tl.load(a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None],
+                      mask=rmask[None, :] & mmask[:, None], other=0.0)
+        if A_SCALE:
+            w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            a_t = (a_t.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
+        if B_GATHER:
+            b_rows = tl.load(b_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            b_rows = rows.to(tl.int64)
+        b_ptrs = b_ptr + b_rows[:, None] * stride_br + offs_n[None, :]
+        bmask = rmask[:, None] & nmask[None, :]
+        if B_SWIGLU:
+            gate = tl.load(b_ptrs, mask=bmask, other=0.0).to(tl.float32)
+            up = tl.load(b_ptrs + N, mask=bmask, other=0.0).to(tl.float32)
+            b = (gate * tl.sigmoid(gate) * up).to(a_t.dtype)
+        else:
+            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+        acc = tl.dot(a_t, b, acc, input_precision=DOT_PREC)
+    c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ---- autotuning -----------------------------------------------------------------------------------------------
+# Short lists (3-5 configs: tuning one key costs ~1 s) of Hopper tile shapes; fp32 (tests only) is pruned to one
+# small config because 128x256 fp32 tiles overflow the 228 KB of shared memory per SM.
+# DW_BLOCK_N: the SwiGLU-backward kernel writes one partial routing-weight gradient row per N-tile, so its
+# BLOCK_N is fixed and the caller can size that buffer without knowing the chosen config.
+DW_BLOCK_N = 128
+
+
+def _cfg(bm, bn, bd, warps, stages, d_name="BLOCK_D"):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, d_name: bd}, num_warps=warps, num_stages=stages)
+
+
+GEMM_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 3),
+                _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4)]
+SWIGLU_BWD_CONFIGS = [_cfg(128, DW_BLOCK_N, 64, 4, 4), _cfg(128, DW_BLOCK_N, 64, 8, 3), _cfg(64, DW_BLOCK_N, 64, 4, 4)]
+WGRAD_CONFIGS = [_cfg(128, 128, 64, 4, 4, "BLOCK_R"), _cfg(128, 128, 64, 8, 3, "BLOCK_R"),
+                 _cfg(128, 256, 64, 8, 3, "BLOCK_R"), _cfg(64, 128, 64, 4, 4, "BLOCK_R")]
+FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": DW_BLOCK_N, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
+FP32_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2}
+
+
+def _prune(fp32_config):
+    def prune(configs, named_args, **kwargs):
+        if named_args["a_ptr"].element_size() == 4:
+            return [triton.Config({k: v for k, v in fp32_config.items() if k.startswith("BLOCK")},
+                                  num_warps=fp32_config["num_warps"], num_stages=fp32_config["num_stages"])]
+        return configs
+    return prune
+
+
+def _quick_bench(kernel_call, quantiles):
+    # 5 ms warm-up / 25 ms of repeats instead of Triton's 25 / 100: the spread between configs is >5%, well above
+    # what the shorter run resolves, and tuning stays in seconds.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+_even_d = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
+gather_matmul = _even_d(_gather_matmul_kernel)
+scatter_matmul = _even_d(_scatter_matmul_kernel)
+expert_wgrad = _expert_wgrad_kernel
+_GEMM_KEY = ["N", "D", "S_BUCKET", "SWIGLU_IN", "SCALE"]
+gather_matmul_tuned = triton.autotune(GEMM_CONFIGS, key=["N", "D", "S_BUCKET"], do_bench=_quick_bench,
+                                      prune_configs_by={"early_config_prune": _prune(FP32_CONFIG)})(gather_matmul)
+gather_swiglu_bwd_tuned = triton.autotune(SWIGLU_BWD_CONFIGS, key=["N", "D", "S_BUCKET"], do_bench=_quick_bench,
+                                          prune_configs_by={"early_config_prune": _prune(FP32_CONFIG)})(gather_matmul)
+scatter_matmul_tuned = triton.autotune(GEMM_CONFIGS, key=_GEMM_KEY, do_bench=_quick_bench,
+                                       prune_configs_by={"early_config_prune": _prune(FP32_CONFIG)})(scatter_matmul)
+expert_wgrad_tuned = triton.autotune(WGRAD_CONFIGS, key=["M", "N", "S_BUCKET", "A_GATHER", "B_GATHER"],
+                                     do_bench=_quick_bench,
+                                     prune_configs_by={"early_config_prune": _prune(FP32_WGRAD_CONFIG)})(expert_wgrad)

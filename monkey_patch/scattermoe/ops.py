@@ -1,0 +1,204 @@
+"""Launchers, autograd and torch.library custom ops of the fused experts (kernels in kernels.py).
+
+Shape legend: T tokens, K top_k, E experts, H hidden, I moe intermediate, S = T*K routed rows.
+
+Forward (2 GEMM launches + sort + one [S, H] -> [T, H] sum):
+  h [S, 2I]  = X[tok] @ gate_up[e]^T                 (gather_matmul, rows in expert-sorted order; saved)
+  buf [S, H] = w * (silu(h_gate) * h_up) @ down[e]^T (scatter_matmul, written to each row's (t, k) slot)
+  Y [T, H]   = buf.view(T, K, H).sum(1)              (deterministic, fp32 accumulation inside torch.sum)
+Backward (4 GEMM launches):
+  dH [S, 2I], dw partials = SwiGLU-bwd(w * dY[tok] @ down[e]), <dY[tok] @ down[e], a>   (gather_matmul epilogue)
+  d down[e]    = sum_r (w dY[tok])^T a                                                (expert_wgrad, a from h)
+  d gate_up[e] = sum_r dH^T X[tok]                                                    (expert_wgrad)
+  dX           = (dH @ gate_up[e] scattered to slots).view(T, K, H).sum(1)             (scatter_matmul)
+Saved for backward: h [S, 2I] and the routing metadata (counts [E] int32, slot [S] int64), all computed from
+the inputs by a stable sort, so a gradient-checkpointing recompute reproduces them bit for bit.
+"""
+import os
+
+import torch
+import triton
+
+from . import kernels as kn
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Fixed configs when autotuning is off (SCATTERMOE_AUTOTUNE=0: GPU tests, where each new shape would retune) or
+# under the CPU interpreter (16 = tl.dot's smallest tile; small tiles make tiny test shapes cross tile edges).
+_FIXED_BF16 = {"BLOCK_M": 128, "BLOCK_N": kn.DW_BLOCK_N, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4}
+_FIXED_BF16_WGRAD = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64, "num_warps": 8, "num_stages": 3}
+_FIXED_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}
+_FIXED_INTERPRET_WGRAD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_R": 16}
+
+
+def _autotune() -> bool:
+    return not _INTERPRET and os.environ.get("SCATTERMOE_AUTOTUNE", "1") != "0"
+
+
+def _fixed(dtype: torch.dtype, wgrad: bool) -> dict:
+    if _INTERPRET:
+        return _FIXED_INTERPRET_WGRAD if wgrad else _FIXED_INTERPRET
+    if dtype == torch.float32:
+        return kn.FP32_WGRAD_CONFIG if wgrad else kn.FP32_CONFIG
+    return _FIXED_BF16_WGRAD if wgrad else _FIXED_BF16
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 dots follow torch's matmul TF32 switch, so an fp32 test with TF32 off compares exact-fp32 products.
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def routing_metadata(top_k_index_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts_E int32 (rows per expert) and slot_S int64 (flat (t, k) index of each expert-sorted row).
+
+    Stable sort: ties keep (t, k) order, so the metadata is a pure function of the routing (recompute-safe).
+    Counts come from searchsorted on the sorted ids rather than bincount's atomics.
+    """
+    expert_S = top_k_index_TK.reshape(-1)
+    sorted_expert_S, slot_S = torch.sort(expert_S, stable=True)
+    experts_E = torch.arange(num_experts, device=expert_S.device, dtype=sorted_expert_S.dtype)
+    ends_E = torch.searchsorted(sorted_expert_S, experts_E, right=True)
+    counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1)).to(torch.int32)
+    return counts_E, slot_S
+
+
+def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, N, swiglu=None):
+    """C [S, N] (or dH [S, 2N] and dw partials [ceil(N/BLOCK_N), S] fp32 when swiglu=(h_S2I, w_S)) =
+    A[tok] @ B[e]; b_strides = (expert, d, n) strides of B viewed as [E, D, N]."""
+    S, D, E = tok_S.numel(), a_TD.shape[1], counts_E.numel()
+    tuned = _autotune()
+    meta = {} if tuned else dict(_fixed(a_TD.dtype, wgrad=False))
+    c = a_TD.new_empty(S, 2 * N if swiglu else N)
+    h_S2I, w_S = swiglu if swiglu else (c, c)
+    block_n = kn.DW_BLOCK_N if tuned else meta["BLOCK_N"]
+    dw = torch.empty(triton.cdiv(N, block_n), S, device=c.device, dtype=torch.float32) if swiglu else c
+    kernel = (kn.gather_swiglu_bwd_tuned if swiglu else kn.gather_matmul_tuned) if tuned else kn.gather_matmul
+
+    def grid(m):
+        return ((triton.cdiv(S, m["BLOCK_M"]) + E) * triton.cdiv(N, m["BLOCK_N"]),)
+
+    kernel[grid](a_TD, b_E, c, tok_S, counts_E, h_S2I, w_S, dw,
+                 S, E, N, D, a_TD.stride(0), *b_strides, c.stride(0), triton.next_power_of_2(S),
+                 E_P2=triton.next_power_of_2(E), SWIGLU_BWD=swiglu is not None,
+                 DOT_PREC=_dot_precision(a_TD.dtype), **meta)
+    return (c, dw) if swiglu else c
+
+
+def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N, D, w_S=None, swiglu_in=False):
+    """C [S, N] in slot order: C[slot[r]] = (w[r] *) A(r) @ B[e(r)]; A(r) = SwiGLU(h[r]) when swiglu_in."""
+    S, E = slot_S.numel(), counts_E.numel()
+    tuned = _autotune()
+    meta = {} if tuned else dict(_fixed(a_SD.dtype, wgrad=False))
+    c = a_SD.new_empty(S, N)
+    kernel = kn.scatter_matmul_tuned if tuned else kn.scatter_matmul
+
+    def grid(m):
+        return ((triton.cdiv(S, m["BLOCK_M"]) + E) * triton.cdiv(N, m["BLOCK_N"]),)
+
+    kernel[grid](a_SD, b_E, c, slot_S, counts_E, c if w_S is None else w_S,
+                 S, E, N, D, a_SD.stride(0), *b_strides, c.stride(0), triton.next_power_of_2(S),
+                 E_P2=triton.next_power_of_2(E), SWIGLU_IN=swiglu_in, SCALE=w_S is not None,
+                 DOT_PREC=_dot_precision(a_SD.dtype), **meta)
+    return c
+
+
+def _expert_wgrad(a, b, out_EMN, counts_E, a_idx=None, b_idx=None, w_S=None, b_swiglu=False):
+    """out[e] = sum over expert e's sorted rows of A_row^T B_row (see kernels._expert_wgrad_kernel)."""
+    E, M, N = out_EMN.shape
+    S = int(a.shape[0] if a_idx is None else a_idx.numel())
+    tuned = _autotune()
+    meta = {} if tuned else dict(_fixed(a.dtype, wgrad=True))
+    # Longest reductions first (skewed routing); a stable order keeps runs reproducible.
+    order_E = torch.sort(counts_E, descending=True, stable=True)[1].to(torch.int32)
+    kernel = kn.expert_wgrad_tuned if tuned else kn.expert_wgrad
+
+    def grid(m):
+        return (E * triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
+
+    dummy = counts_E
+    kernel[grid](a, b, out_EMN, dummy if a_idx is None else a_idx, dummy if b_idx is None else b_idx,
+                 counts_E, order_E, dummy if w_S is None else w_S,
+                 E, M, N, a.stride(0), b.stride(0), out_EMN.stride(0), out_EMN.stride(1),
+                 triton.next_power_of_2(max(S, 1)), E_P2=triton.next_power_of_2(E),
+                 A_GATHER=a_idx is not None, A_SCALE=w_S is not None, B_GATHER=b_idx is not None,
+                 B_SWIGLU=b_swiglu, DOT_PREC=_dot_precision(a.dtype), **meta)
+    return out_EMN
+
+
+@torch.library.custom_op("scattermoe::experts_fwd", mutates_args=())
+def experts_fwd(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor,
+                top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y [T, H], h [S, 2I], counts [E] int32, slot [S] int64); x and both weights share one dtype."""
+    T, H = x_TH.shape
+    K = top_k_index_TK.shape[1]
+    E, I2, _ = gate_up_E2IH.shape
+    counts_E, slot_S = routing_metadata(top_k_index_TK, E)
+    tok_S = torch.div(slot_S, K, rounding_mode="floor").to(torch.int32)
+    w_S = top_k_weights_TK.reshape(-1)[slot_S].float()
+    # gate_up[e] is [2I, H]; B[e][d=h, n=j] = gate_up[e, j, h].
+    h_S2I = _gather_matmul(x_TH, gate_up_E2IH, (gate_up_E2IH.stride(0), 1, H), tok_S, counts_E, I2)
+    # down[e] is [H, I]; B[e][d=i, n=h] = down[e, h, i].
+    buf_SH = _scatter_matmul(h_S2I, down_EHI, (down_EHI.stride(0), 1, I2 // 2), slot_S, counts_E, H, I2 // 2,
+                             w_S=w_S, swiglu_in=True)
+    return buf_SH.view(T, K, H).sum(1), h_S2I, counts_E, slot_S
+
+
+@experts_fwd.register_fake
+def _experts_fwd_fake(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weights_TK):
+    S = top_k_index_TK.numel()
+    return (x_TH.new_empty(x_TH.shape), x_TH.new_empty(S, gate_up_E2IH.shape[1]),
+            x_TH.new_empty(gate_up_E2IH.shape[0], dtype=torch.int32), x_TH.new_empty(S, dtype=torch.int64))
+
+
+@torch.library.custom_op("scattermoe::experts_bwd", mutates_args=())
+def experts_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor,
+                top_k_weights_TK: torch.Tensor, h_S2I: torch.Tensor, counts_E: torch.Tensor, slot_S: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX [T, H], d gate_up [E, 2I, H], d down [E, H, I], d top_k_weights [T, K])."""
+    T, H = x_TH.shape
+    K = top_k_weights_TK.shape[1]
+    E, I2, _ = gate_up_E2IH.shape
+    I = I2 // 2
+    S = slot_S.numel()
+    dy_TH = dy_TH.contiguous().to(x_TH.dtype)
+    tok_S = torch.div(slot_S, K, rounding_mode="floor").to(torch.int32)
+    w_S = top_k_weights_TK.reshape(-1)[slot_S].float()
+    # down[e] is [H, I]: B[e][d=h, n=i] = down[e, h, i].
+    dh_S2I, dw_partial = _gather_matmul(dy_TH, down_EHI, (down_EHI.stride(0), I, 1), tok_S, counts_E, I,
+                                        swiglu=(h_S2I, w_S))
+    dw_S = torch.empty(S, device=x_TH.device, dtype=torch.float32)
+    dw_S[slot_S] = dw_partial.sum(0)
+    d_down = _expert_wgrad(dy_TH, h_S2I, torch.empty_like(down_EHI), counts_E, a_idx=tok_S, w_S=w_S, b_swiglu=True)
+    # gate_up[e] is [2I, H]: B[e][d=j, n=h] = gate_up[e, j, h].
+    dx_SH = _scatter_matmul(dh_S2I, gate_up_E2IH, (gate_up_E2IH.stride(0), H, 1), slot_S, counts_E, H, I2)
+    d_gate_up = _expert_wgrad(dh_S2I, x_TH, torch.empty_like(gate_up_E2IH), counts_E, b_idx=tok_S)
+    return (dx_SH.view(T, K, H).sum(1), d_gate_up, d_down, dw_S.view(T, K).to(top_k_weights_TK.dtype))
+
+
+@experts_bwd.register_fake
+def _experts_bwd_fake(dy_TH, x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, counts_E, slot_S):
+    return (torch.empty_like(x_TH), torch.empty_like(gate_up_E2IH), torch.empty_like(down_EHI),
+            torch.empty_like(top_k_weights_TK))
+
+
+def _setup_context(ctx, inputs, output):
+    x_TH, gate_up_E2IH, down_EHI, _, top_k_weights_TK = inputs
+    _, h_S2I, counts_E, slot_S = output
+    ctx.save_for_backward(x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, counts_E, slot_S)
+
+
+def _backward(ctx, dy_TH, _dh, _dcounts, _dslot):
+    dx, d_gate_up, d_down, d_weights = experts_bwd(dy_TH, *ctx.saved_tensors)
+    # One gradient per forward input: x, gate_up_proj, down_proj, top_k_index (integer: none), top_k_weights.
+    return dx, d_gate_up, d_down, None, d_weights
+
+
+experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scattermoe_experts(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weights_TK) -> torch.Tensor:
+    """Y [T, H] of the routed SwiGLU experts; x is cast to the weights' dtype (as transformers' grouped_mm does
+    under autocast). top_k_index must lie in [0, E): no expert-parallel sentinels."""
+    x_TH = x_TH.to(gate_up_E2IH.dtype).contiguous()
+    return experts_fwd(x_TH, gate_up_E2IH.contiguous(), down_EHI.contiguous(), top_k_index_TK,
+                       top_k_weights_TK)[0]

@@ -1,0 +1,1 @@
+"""Building blocks of train.py: arguments, tokenizer and model loading, data, collators, metrics."""

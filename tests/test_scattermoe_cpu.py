@@ -1,0 +1,118 @@
+"""CPU checks of the scattermoe experts: registration, model wiring, state_dict, and the Triton kernels themselves
+under TRITON_INTERPRET=1 (fp32 only: the interpreter computes bf16 tl.dot wrongly, see shared/TRAPS.md).
+
+Shape legend: T tokens, K top_k, E experts, H hidden, I moe intermediate.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from tests.reference import experts_reference, random_problem, rel_err  # noqa: E402
+
+
+def _tiny(impl, **overrides):
+    from transformers import AutoModelForCausalLM
+    from sft.model import preset_config
+    import monkey_patch.scattermoe  # noqa: F401  (registers "scattermoe")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(preset_config("tiny", use_cache=False, **overrides), dtype=torch.float32,
+                                            experts_implementation=impl)
+
+
+def test_registration():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    from monkey_patch.scattermoe import scattermoe_experts_forward
+    assert ALL_EXPERTS_FUNCTIONS["scattermoe"] is scattermoe_experts_forward
+    model = _tiny("scattermoe")
+    assert model.config._experts_implementation == "scattermoe"
+    model.set_experts_implementation("eager")
+    assert model.config._experts_implementation == "eager"
+    model.set_experts_implementation("scattermoe")
+    assert model.config._experts_implementation == "scattermoe"
+
+
+def test_state_dict_keys_match_stock():
+    ours, stock = _tiny("scattermoe").state_dict(), _tiny("eager").state_dict()
+    assert list(ours) == list(stock)
+    assert all(ours[k].shape == stock[k].shape for k in stock)
+
+
+def test_tiny_model_logits_and_grads_match_eager():
+    ids = torch.randint(0, 5000, (2, 24), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for impl in ("eager", "scattermoe"):
+        model = _tiny(impl)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters()}))
+    assert rel_err(outs[1][0], outs[0][0]) < 1e-6
+    for n, g in outs[0][1].items():
+        assert rel_err(outs[1][1][n], g) < 1e-5, n
+    assert outs[1][1]["model.layers.0.mlp.gate.weight"].abs().sum() > 0  # router trained through top_k_weights
+
+
+@pytest.mark.parametrize("T,E,K,H,I", [(1, 4, 4, 8, 6), (30, 16, 2, 12, 10), (9, 5, 1, 8, 6)])
+def test_torch_path_matches_reference(T, E, K, H, I):
+    from monkey_patch.scattermoe import torch_experts
+    x, w1, w2, idx, w = random_problem(T, E, K, H, I, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+    ours = [t.clone().requires_grad_() for t in (x, w1, w2, w)]
+    ref = [t.clone().requires_grad_() for t in (x, w1, w2, w)]
+    torch_experts(ours[0], ours[1], ours[2], idx, ours[3]).sum().backward()
+    experts_reference(ref[0], ref[1], ref[2], idx, ref[3]).sum().backward()
+    for a, b in zip(ours, ref):
+        assert rel_err(a.grad, b.grad) < 1e-12
+
+
+_INTERPRET_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from monkey_patch.scattermoe import ops
+    from tests.reference import experts_reference, random_problem, rel_err
+    results = []
+    for name, (T, E, K, H, I), routing in json.loads(sys.argv[1]):
+        x, w1, w2, idx, w = random_problem(T, E, K, H, I, generator=torch.Generator().manual_seed(T))
+        if routing is not None:
+            idx = torch.tensor(routing).expand(T, K).contiguous()
+        ours = [t.clone().requires_grad_() for t in (x, w1, w2, w)]
+        ref = [t.double().requires_grad_() for t in (x, w1, w2, w)]
+        y = ops.scattermoe_experts(ours[0], ours[1], ours[2], idx, ours[3])
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        y.backward(dy)
+        y_ref = experts_reference(ref[0], ref[1], ref[2], idx, ref[3])
+        y_ref.backward(dy.double())
+        errs = [rel_err(y, y_ref)] + [rel_err(a.grad, b.grad) for a, b in zip(ours, ref)]
+        results.append([name, max(errs)])
+    print("RESULT" + json.dumps(results))
+""")
+
+# Interpreter tiles are 16 x 16 x 16 (ops._FIXED_INTERPRET), so these shapes cross tile edges.
+INTERPRET_CASES = [
+    ("brief_shape_uneven_dims", (7, 5, 2, 24, 20), None),     # H, I not multiples of 16: masked D and N tails
+    ("even_dims", (12, 4, 2, 32, 16), None),                  # EVEN_D fast path
+    ("two_experts_take_all", (40, 3, 2, 24, 20), [1, 2]),     # 40 rows per expert: 3 M-tiles each, an empty expert
+    ("one_token_topE", (1, 4, 4, 24, 20), None),              # K = E, one row per expert
+    ("top1", (9, 7, 1, 40, 36), None),                        # K = 1, E prime
+]
+
+
+def test_triton_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)  # must be set before triton is imported
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT, json.dumps(INTERPRET_CASES)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("RESULT")[-1])
+    # fp32 kernels vs fp64 reference: only summation order differs (seen ~2e-7).
+    assert all(err < 1e-5 for _, err in results), results
+
+
+def test_unsupported_activation_raises():
+    model = _tiny("scattermoe", hidden_act="gelu")
+    with pytest.raises(NotImplementedError, match="grouped_mm"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
