@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_args.model_name_or_path, dtype=getattr(torch, model_args.model_dtype),
                        seed=training_args.seed, config_overrides=overrides)
     apply_patches(model, moe_kernel=patch_args.moe_kernel, liger=patch_args.liger,
-                  attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8, device=training_args.device)
+                  attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
+                  fp8_recipe=patch_args.fp8_recipe, device=training_args.device)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                          processing_class=tokenizer)

@@ -42,7 +42,7 @@ class Attn(torch.nn.Module):  # what transformers' attention functions read from
     is_causal, num_key_value_groups = True, HQ // HKV
 
 
-def setup(provider: str, pos: torch.Tensor):
+def setup(provider: str, pos: torch.Tensor, qkv):
     """(per-forward setup fn, attention fn(q, k, v, prepared) -> out [B, S, H, D]) for one provider."""
     import monkey_patch.packed_attention as pa
     from transformers import Qwen3MoeConfig
@@ -63,7 +63,7 @@ def setup(provider: str, pos: torch.Tensor):
 
         def prepare():
             pa._CACHE.clear()
-            layout = pa._cached_layout(pos, None, 1, pos.shape[1])
+            layout = pa._cached_layout(pos, None, qkv[0])
             if provider == "flex_packed":
                 layout.block_mask = pa._document_block_mask(layout.doc_ids)
         return prepare, lambda q, k, v, _: fwd(module, q, k, v, None, scaling=scale, position_ids=pos)[0]
@@ -106,7 +106,7 @@ def main():
     rows, ref_out = [], None
     for provider in args.providers:
         try:
-            prepare, attend = setup(provider, pos)
+            prepare, attend = setup(provider, pos, qkv)
             setup_ms = timed(prepare, 5, warmup=2)
             prepared = prepare()
             q, k, v = (t.detach().requires_grad_() for t in qkv)

@@ -18,6 +18,10 @@ import sys
 
 import torch
 
+# Liger's fused MoE autotunes ~200 kernel configs on first use (liger_kernel/ops/fused_moe_kernels.py 0.8.5); with it
+# a first 32K-token run did not finish in 200 s on the H200, beyond this benchmark's device-time budget. Its own
+# documented switch pins one config per kernel; the header of every table says which mode ran.
+os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H, I, E, K = 2048, 768, 128, 8
 _WEIGHTS = {}
@@ -148,11 +152,15 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--breakdown", type=int, nargs="*", default=[])
     args = ap.parse_args()
-    import transformers, triton, liger_kernel  # noqa: E401
+    import importlib.metadata
+    import time
+    import transformers, triton  # noqa: E401
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"command: `python {' '.join(sys.argv)}`",
              f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
-             f"transformers {transformers.__version__}, liger-kernel {getattr(liger_kernel, '__version__', '?')}; "
+             f"transformers {transformers.__version__}, liger-kernel {importlib.metadata.version('liger-kernel')} "
+             f"(LIGER_FUSED_MOE_AUTOTUNE={os.environ['LIGER_FUSED_MOE_AUTOTUNE']}), "
+             f"SCATTERMOE_AUTOTUNE={os.environ.get('SCATTERMOE_AUTOTUNE', '1')}; "
              f"git {sha or 'n/a'} (+ working tree)",
              f"shapes: H={H} I={I} E={E} K={K}, bf16; median of {args.reps} after 3 warm-ups; "
              "peak = max_memory_allocated over one fwd+bwd (params, inputs, grads included)", "",
@@ -166,7 +174,10 @@ def main():
             for p in args.providers:
                 if p == "eager" and tokens > args.eager_max:
                     continue
+                t0 = time.time()
                 res[p] = time_provider(p, tokens, skew, args.reps)
+                print(f"# {routing} {tokens} {p}: {res[p]} ({time.time() - t0:.0f} s incl. setup/compile)",
+                      file=sys.stderr, flush=True)
             flops = 3 * 2 * tokens * K * 3 * H * I
             for p, r in res.items():
                 ratio = lambda q: f"{res[q]['tot'] / r['tot']:.2f}x" if q in res else "-"  # noqa: E731

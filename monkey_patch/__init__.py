@@ -39,7 +39,8 @@ def resolve_liger(requested: str) -> bool:
 
 
 def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
-                  attn_implementation: str = "auto", fp8: bool = False, device: torch.device | str | None = None) -> dict:
+                  attn_implementation: str = "auto", fp8: bool = False, fp8_recipe: str = "tensorwise",
+                  device: torch.device | str | None = None) -> dict:
     """Apply the patches to `model` in place; returns what was chosen, for the log.
 
     `device` is where the model will train (the Trainer moves it there later); default: CUDA if available.
@@ -62,6 +63,6 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     model.set_attn_implementation(applied["attn_implementation"])
     if fp8:
         from monkey_patch.fp8 import apply_fp8
-        applied["fp8"] = apply_fp8(model)
+        applied["fp8"] = apply_fp8(model, recipe=fp8_recipe)
     logger.info("patches applied: %s", applied)
     return applied

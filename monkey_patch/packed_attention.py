@@ -79,16 +79,16 @@ _CACHE: dict = {}
 
 
 @torch.compiler.disable
-def _cached_layout(position_ids, attention_mask, batch_size, seq_len) -> DocLayout:
+def _cached_layout(position_ids, attention_mask, query) -> DocLayout:
     """One layout per forward: Qwen3MoeModel hands every layer the same position_ids and mask objects, so identity
     + in-place version is the key (gradient checkpointing's recompute passes them again; a miss only recomputes)."""
     if position_ids is None:  # attention module called outside Qwen3MoeModel: positions are 0..S-1
-        position_ids = torch.arange(seq_len)[None].expand(batch_size, -1)
+        position_ids = torch.arange(query.shape[2], device=query.device)[None]
     key = tuple(None if t is None or t.is_inference() else t._version for t in (position_ids, attention_mask))
     hit = _CACHE.get("entry")
     if hit is not None and hit[0]() is position_ids and hit[1]() is attention_mask and hit[2] == key:
         return hit[3]
-    layout = document_layout(position_ids.expand(batch_size, -1), attention_mask)
+    layout = document_layout(position_ids.expand(query.shape[0], -1), attention_mask)
     mask_ref = (lambda: None) if attention_mask is None else weakref.ref(attention_mask)
     _CACHE["entry"] = (weakref.ref(position_ids), mask_ref, key, layout)
     return layout
@@ -172,7 +172,7 @@ def varlen_packed_forward(module, query, key, value, attention_mask, scaling=Non
     if B == 1 and attention_mask is None and cu is not None and max_len is not None:
         token_idx, cu, max_len = None, cu.to(torch.int32), int(max_len)  # DataCollatorWithFlattening's own
     else:
-        layout = _cached_layout(position_ids, attention_mask, B, S)
+        layout = _cached_layout(position_ids, attention_mask, query)
         if layout.plain:
             return _plain_causal(query, key, value, scaling), None
         token_idx, cu, max_len = layout.token_idx, layout.cu_seqlens, layout.max_seqlen
@@ -216,7 +216,7 @@ def flex_packed_forward(module, query, key, value, attention_mask, scaling=None,
     """AttentionInterface function; same arguments and result as `varlen_packed_forward`."""
     _check_supported(module, query, key, attention_mask, dropout, sliding_window, FLEX_PACKED)
     B, H, S, D = query.shape
-    layout = _cached_layout(position_ids, attention_mask, B, S)
+    layout = _cached_layout(position_ids, attention_mask, query)
     if layout.plain:
         return _plain_causal(query, key, value, scaling), None
     if layout.block_mask is None:
@@ -257,30 +257,27 @@ def choose_attention(requested: str, device: torch.device | str) -> str:
     auto: flash_attention_2 if flash_attn is installed; on CUDA else varlen_packed, else flex_packed; on CPU "sdpa"
     (transformers' own packed-position_ids detection keeps it correct there). Explicit values are checked.
     """
-    device = torch.device(device)
+    cuda = torch.device(device).type == "cuda"
     has_flash_attn = importlib.util.find_spec("flash_attn") is not None
     if requested not in CHOICES:
         raise ValueError(f"--attn_implementation {requested!r}: choose one of {', '.join(CHOICES)}")
     if requested == "auto":
-        if has_flash_attn and device.type == "cuda":
-            chosen, why = "flash_attention_2", "flash_attn is installed"
-        elif device.type == "cuda" and _varlen_attn() is not None:
-            chosen, why = VARLEN_PACKED, "torch.nn.attention.varlen is available and flash_attn is not"
-        elif device.type == "cuda":
-            chosen, why = FLEX_PACKED, "this torch has no varlen_attn"
-        else:
-            chosen, why = "sdpa", f"{device.type}: the varlen and flex kernels need CUDA"
+        chosen = ("flash_attention_2" if cuda and has_flash_attn else VARLEN_PACKED if cuda and _varlen_attn()
+                  else FLEX_PACKED if cuda else "sdpa")
     else:
-        chosen, why = requested, "requested"
-        if requested == "flash_attention_2" and not has_flash_attn:
-            raise ValueError("flash_attention_2 needs the flash_attn package (transformers' fallback downloads a hub "
-                             "kernel, which fails offline): install flash-attn or use --attn_implementation auto")
-        if requested == FLEX_PACKED and device.type != "cuda":
-            raise ValueError("flex_packed trains on CUDA only (torch's CPU flex_attention has no backward): "
-                             "use --attn_implementation sdpa or varlen_packed on CPU")
-        if requested == VARLEN_PACKED and device.type == "cuda" and _varlen_attn() is None:
-            raise ValueError("this torch has no torch.nn.attention.varlen: use --attn_implementation flex_packed")
-        if requested == VARLEN_PACKED and device.type != "cuda":
-            why += "; on CPU it runs a per-document sdpa loop (a reference, not fast)"
-    logger.info("attention: --attn_implementation %s -> %s (%s)", requested, chosen, why)
+        chosen = requested
+        problem = {
+            "flash_attention_2": not has_flash_attn and "flash_attention_2 needs the flash_attn package "
+            "(transformers' fallback downloads a hub kernel, which fails offline): use --attn_implementation auto",
+            FLEX_PACKED: not cuda and "flex_packed trains on CUDA only (torch's CPU flex_attention has no backward): "
+            "use --attn_implementation sdpa or varlen_packed on CPU",
+            VARLEN_PACKED: cuda and _varlen_attn() is None and f"torch {torch.__version__} has no "
+            "torch.nn.attention.varlen: use --attn_implementation flex_packed",
+        }.get(requested)
+        if problem:
+            raise ValueError(problem)
+    note = " (on CPU: a per-document sdpa loop, a reference, not fast)" if chosen == VARLEN_PACKED and not cuda else ""
+    logger.info("attention: --attn_implementation %s -> %s on %s, flash_attn %s, varlen_attn %s%s", requested, chosen,
+                torch.device(device), "installed" if has_flash_attn else "absent",
+                "available" if _varlen_attn() else "absent", note)
     return chosen

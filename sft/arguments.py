@@ -63,7 +63,11 @@ class PatchArguments:
     liger: str = field(default="auto", metadata={
         "help": "Liger rope, rms_norm and fused linear cross-entropy: auto turns them on where CUDA is available.",
         "choices": ["auto", "true", "false"]})
-    fp8: bool = field(default=False, metadata={"help": "Selective FP8 training (torchao); needs SM89 or newer."})
+    fp8: bool = field(default=False, metadata={
+        "help": "Selective FP8 training (monkey_patch/fp8.py says what stays bf16 and why); needs SM89 or newer."})
+    fp8_recipe: str = field(default="tensorwise", metadata={
+        "help": "torchao float8 scaling for the dense linears.",
+        "choices": ["tensorwise", "rowwise", "rowwise_with_gw_hp"]})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak dense bf16 TFLOP/s of one device, for MFU; detected from the GPU name when not given."})
 

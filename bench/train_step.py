@@ -1,0 +1,174 @@
+"""Whole training step (forward, backward, AdamW) at Qwen3-30B-A3B shapes truncated to N layers, per stack.
+
+The same code path as train.py: the `qwen3-30b-a3b` preset, `monkey_patch.apply_patches`, gradient checkpointing,
+torch AdamW, and packed padding-free batches from `sft.collate` built from a long-tailed document-length mix.
+
+  python bench/train_step.py                         # every stack, each in its own process, then the table
+  python bench/train_step.py --stacks ours,ours_fp8 --layers 8 --seq 8192 --micro_batch 1
+  python bench/train_step.py --one ours              # one stack in this process (what the driver runs)
+
+Stacks (each in a fresh process: Liger's patches are class-level and would leak between stacks):
+  transformers  grouped_mm experts + sdpa (transformers' default; packed batches get its block-diagonal mask)
+  peer          + Liger rope/rms_norm/fused-linear-CE + Liger's fused experts, each decoder layer torch.compile'd
+  ours          our experts kernel + Liger (no swiglu) + our packed attention (`auto`)
+  ours_fp8      ours + --fp8 (dense linears in FP8; compiled layers, as torchao recommends)
+MFU is over --peak_tflops, default 790: the bf16 dense GEMM rate measured on our H200 (../shared/gpu/README.md),
+the same peak ../shared/BASELINES.md uses, so figures compare with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+STACKS = {  # name -> apply_patches arguments, and whether decoder layers are compiled
+    "transformers": (dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"), False),
+    "peer": (dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"), True),
+    "ours": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"), False),
+    "ours_compiled": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"), True),
+    "ours_fp8": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True), True),
+}
+
+
+def document_lengths(total_tokens: int, seq: int, seed: int = 0) -> list[int]:
+    """A long-tailed SFT length mix: log-normal, median ~700 tokens, a tail to the full row (clipped to [16, seq])."""
+    rng = random.Random(seed)
+    lengths, total = [], 0
+    while total < total_tokens:
+        n = int(min(seq, max(16, rng.lognormvariate(6.55, 1.0))))
+        lengths.append(n)
+        total += n
+    return lengths
+
+
+def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, seed: int = 0):
+    """`steps` packed batches of `micro_batch` rows of `seq` slots, and the packing efficiency (real / slots)."""
+    import torch
+    from sft.collate import PackedCollator, pack_examples
+
+    rng = random.Random(seed)
+    lengths = document_lengths(int(steps * micro_batch * seq * 1.1), seq, seed)
+    examples = [{"input_ids": (ids := [rng.randrange(vocab) for _ in range(n)]), "labels": ids} for n in lengths]
+    rows = pack_examples(examples, seq)
+    rows.sort(key=lambda r: -len(r["input_ids"]))  # the fullest rows, as a long run's steady state has
+    rows = rows[:steps * micro_batch]
+    if len(rows) < steps * micro_batch:
+        raise RuntimeError("not enough packed rows; raise the token budget in packed_batches")
+    efficiency = sum(len(r["input_ids"]) for r in rows) / (len(rows) * seq)
+    collate = PackedCollator()
+    batches = [collate(rows[i * micro_batch:(i + 1) * micro_batch]) for i in range(steps)]
+    lengths_used = [n for r in rows for n in r["lengths"]]
+    context = sum(n * n / 2 for n in lengths_used) / sum(lengths_used)
+    return [{k: v.to("cuda") for k, v in b.items()} for b in batches], efficiency, context
+
+
+def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float) -> dict:
+    import torch
+    from monkey_patch import apply_patches
+    from sft.metrics import flops_per_token
+    from sft.model import load_model
+
+    patches, compiled = STACKS[stack]
+    model = load_model("qwen3-30b-a3b", dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
+    applied = apply_patches(model, device="cuda", **patches)
+    model.to("cuda")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compiled:
+        for layer in model.model.layers:
+            layer.compile()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    warmup = 3
+    batches, efficiency, context = packed_batches(warmup + steps, micro_batch, seq, model.config.vocab_size)
+    times, losses = [], []
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # synchronizes
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times[warmup:])
+    tokens = statistics.median(b["input_ids"].numel() for b in batches[warmup:])
+    tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
+    return {"stack": stack, "layers": layers, "seq": seq, "micro_batch": micro_batch, "sec_per_step": round(seconds, 4),
+            "tokens_per_sec": round(tokens / seconds), "tflops": round(tflops, 1), "mfu": round(tflops / peak_tflops, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "packing_efficiency": round(efficiency, 4),
+            "first_step_s": round(times[0], 1), "loss_first": round(losses[0], 3), "loss_last": round(losses[-1], 3),
+            "patches": {k: v for k, v in applied.items() if k != "fp8"}}
+
+
+def versions() -> str:
+    import torch
+    import transformers
+    import triton
+    names = {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__}
+    for module in ("liger_kernel", "torchao"):
+        try:
+            names[module] = __import__(module).__version__
+        except ImportError:
+            names[module] = "missing"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"{gpu}; " + ", ".join(f"{k} {v}" for k, v in names.items()) + f"; git {sha or 'unknown'}"
+
+
+def table(results: list[dict], baseline: str) -> str:
+    base = next((r for r in results if r.get("stack") == baseline and "error" not in r), None)
+    lines = ["| stack | s/step | tokens/s | TFLOP/s | MFU | peak GiB | vs " + baseline + " |", "|---" * 7 + "|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['stack']} | error: {r['error'][:120]} | | | | | |")
+            continue
+        ratio = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "-"
+        lines.append(f"| {r['stack']} | {r['sec_per_step']:.3f} | {r['tokens_per_sec']:,} | {r['tflops']} | "
+                     f"{r['mfu']:.1%} | {r['peak_gib']} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stacks", default="transformers,peer,ours,ours_fp8")
+    parser.add_argument("--one", choices=sorted(STACKS), help="run one stack in this process and print its JSON")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--micro_batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--peak_tflops", type=float, default=790.0)
+    parser.add_argument("--baseline", default="peer", help="stack the ratio column compares with")
+    args = parser.parse_args()
+    shape = ["--layers", str(args.layers), "--seq", str(args.seq), "--micro_batch", str(args.micro_batch),
+             "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops)]
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
+                                             args.peak_tflops)), flush=True)
+        return
+    results = []
+    for stack in args.stacks.split(","):
+        run = subprocess.run([sys.executable, __file__, "--one", stack, *shape], capture_output=True, text=True)
+        found = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+        results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})
+        print(json.dumps(results[-1]), flush=True)
+    report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{versions()}\n\n"
+              f"Qwen3-30B-A3B shapes, {args.layers} layers, packed rows of {args.seq} tokens x micro-batch "
+              f"{args.micro_batch}, gradient checkpointing, AdamW; median of {args.steps} steps after 3 warm-up; "
+              f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results, args.baseline)}\n")
+    print(report)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "train_step.md"), "w") as file:
+            file.write(report + "\n```\n" + "\n".join(json.dumps(r) for r in results) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
