@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import torch
@@ -20,7 +21,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import transformers  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from monkey_patch import apply_patches  # noqa: E402
 from sft.arguments import parse_arguments  # noqa: E402
@@ -53,20 +53,37 @@ def build_training_data(data_args, tokenizer):
     return tokenized.examples, PaddedCollator(pad_token_id=tokenizer.pad_token_id), context
 
 
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N of output_dir that holds trainer_state.json. The Trainer writes that file last (after the
+    model, optimizer and RNG shards), so a run killed while saving leaves a newer folder without it: skip that one."""
+    steps = [int(m.group(1)) for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
 def resolve_resume(training_args) -> str | None:
-    """`--resume_from_checkpoint latest` (or true) resumes from the newest checkpoint-N in output_dir."""
+    """`--resume_from_checkpoint latest` (or true) resumes from the newest complete checkpoint-N in output_dir."""
     requested = training_args.resume_from_checkpoint
     if requested in (None, "", "false", "False"):
         return None
     if requested in ("latest", "true", "True"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = latest_checkpoint(training_args.output_dir)
         if last is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no checkpoint-N folder in "
+            raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no complete checkpoint-N folder in "
                                     f"{training_args.output_dir}; start without it or pass a checkpoint path")
         return last
     if not os.path.isdir(requested):
         raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such checkpoint folder")
     return requested
+
+
+def fsdp_checkpoints_activations(training_args) -> bool:
+    """FSDP's activation checkpointing is on (config/accelerate/fsdp2.yaml, or --fsdp_config)."""
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+        os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("true", "1")
+    flagged = bool(training_args.fsdp) and str(training_args.fsdp_config.get("activation_checkpointing")).lower() == "true"
+    return launched or flagged
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         training_args.include_num_input_tokens_seen = "non_padding"  # real-token counts for the efficiency figures
     training_args.remove_unused_columns = False  # our examples hold exactly what the collators read ("lengths" too)
     resume = resolve_resume(training_args)
+    if training_args.gradient_checkpointing and fsdp_checkpoints_activations(training_args):
+        training_args.gradient_checkpointing = False  # FSDP checkpoints each decoder layer; transformers refuses both
+        logger.info("--gradient_checkpointing off: the FSDP config's activation checkpointing replaces it")
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name_or_path)
     train_dataset, collator, context = build_training_data(data_args, tokenizer)

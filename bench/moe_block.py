@@ -43,7 +43,7 @@ def make_problem(tokens: int, skew: float):
 
 
 def setup(provider: str, tokens: int, skew: float):
-    """(module_call, params) for one provider on shared random data: module_call(x, idx, w) -> y [T, H]."""
+    """(experts module, x [T, H], top_k_index [T, K], top_k_weights [T, K]) for one provider; mod(x, idx, w) -> [T, H]."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
     cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
@@ -108,25 +108,25 @@ def breakdown(tokens, skew, reps=20):
     from monkey_patch.scattermoe import ops
     x, w1, w2, idx, w = make_problem(tokens, skew)
     S = tokens * K
-    y, h, counts, slot = ops.experts_fwd(x, w1, w2, idx, w)
+    y, h, aw, counts, slot = ops.experts_fwd(x, w1, w2, idx, w)
     tok = torch.div(slot, K, rounding_mode="floor").to(torch.int32)
     ws = w.reshape(-1)[slot].float()
     dy = torch.randn_like(y)
-    dh, _ = ops._gather_matmul(dy, w2, (w2.stride(0), I, 1), tok, counts, I, swiglu=(h, ws))
+    dh, _ = ops._gather_matmul(dy, w2, (w2.stride(0), I, 1), tok, counts, ws, h_S2I=h)
     buf = torch.empty(S, H, device="cuda", dtype=torch.bfloat16)
     gemm = 2 * S * H * 2 * I  # FLOPs of one [S,H]x[H,2I]-sized GEMM; the down-sized GEMMs are half
     parts = {
         "routing_metadata (sort)": (lambda: ops.routing_metadata(idx, E), 0),
-        "fwd gate_up gather GEMM": (lambda: ops._gather_matmul(x, w1, (w1.stride(0), 1, H), tok, counts, 2 * I), gemm),
-        "fwd down GEMM (SwiGLU prologue, scatter)": (lambda: ops._scatter_matmul(
-            h, w2, (w2.stride(0), 1, I), slot, counts, H, I, w_S=ws, swiglu_in=True), gemm // 2),
+        "fwd gate_up gather GEMM + SwiGLU epilogue": (
+            lambda: ops._gather_matmul(x, w1, (w1.stride(0), 1, H), tok, counts, ws), gemm),
+        "fwd down GEMM (scatter)": (lambda: ops._scatter_matmul(aw, w2, (w2.stride(0), 1, I), slot, counts, H),
+                                    gemm // 2),
         "fwd K-sum [S,H]->[T,H]": (lambda: buf.view(tokens, K, H).sum(1), 0),
-        "bwd dY@down + SwiGLU bwd + dw": (lambda: ops._gather_matmul(
-            dy, w2, (w2.stride(0), I, 1), tok, counts, I, swiglu=(h, ws)), gemm // 2),
-        "bwd d down (wgrad)": (lambda: ops._expert_wgrad(dy, h, torch.empty_like(w2), counts, a_idx=tok, w_S=ws,
-                                                        b_swiglu=True), gemm // 2),
-        "bwd dX GEMM (scatter)": (lambda: ops._scatter_matmul(dh, w1, (w1.stride(0), H, 1), slot, counts, H, 2 * I),
-                                  gemm),
+        "bwd dY@down + SwiGLU bwd + dw": (
+            lambda: ops._gather_matmul(dy, w2, (w2.stride(0), I, 1), tok, counts, ws, h_S2I=h), gemm // 2),
+        "bwd d down (wgrad)": (lambda: ops._expert_wgrad(dy, aw, torch.empty_like(w2), counts, a_idx=tok),
+                               gemm // 2),
+        "bwd dX GEMM (scatter)": (lambda: ops._scatter_matmul(dh, w1, (w1.stride(0), H, 1), slot, counts, H), gemm),
         "bwd d gate_up (wgrad)": (lambda: ops._expert_wgrad(dh, x, torch.empty_like(w1), counts, b_idx=tok), gemm),
     }
     rows = []

@@ -48,7 +48,7 @@ def document_lengths(total_tokens: int, seq: int, seed: int = 0) -> list[int]:
     return lengths
 
 
-def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, seed: int = 0):
+def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: str, seed: int = 0):
     """`steps` packed batches of `micro_batch` rows of `seq` slots, and the packing efficiency (real / slots)."""
     import torch
     from sft.collate import PackedCollator, pack_examples
@@ -66,32 +66,35 @@ def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, seed: int
     batches = [collate(rows[i * micro_batch:(i + 1) * micro_batch]) for i in range(steps)]
     lengths_used = [n for r in rows for n in r["lengths"]]
     context = sum(n * n / 2 for n in lengths_used) / sum(lengths_used)
-    return [{k: v.to("cuda") for k, v in b.items()} for b in batches], efficiency, context
+    return [{k: v.to(device) for k, v in b.items()} for b in batches], efficiency, context
 
 
-def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float) -> dict:
+def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
+            preset: str = "qwen3-30b-a3b") -> dict:
     import torch
     from monkey_patch import apply_patches
     from sft.metrics import flops_per_token
     from sft.model import load_model
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of this script on the tiny preset
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     patches, compiled = STACKS[stack]
-    model = load_model("qwen3-30b-a3b", dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
-    applied = apply_patches(model, device="cuda", **patches)
-    model.to("cuda")
+    with torch.device(device):  # initialise on the GPU: a CPU init of billions of parameters takes minutes
+        model = load_model(preset, dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
+    applied = apply_patches(model, device=device, **patches)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         for layer in model.model.layers:
             layer.compile()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     warmup = 3
-    batches, efficiency, context = packed_batches(warmup + steps, micro_batch, seq, model.config.vocab_size)
+    batches, efficiency, context = packed_batches(warmup + steps, micro_batch, seq, model.config.vocab_size, device)
     times, losses = [], []
     for i, batch in enumerate(batches):
-        if i == warmup:
+        if i == warmup and device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
@@ -104,7 +107,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
     return {"stack": stack, "layers": layers, "seq": seq, "micro_batch": micro_batch, "sec_per_step": round(seconds, 4),
             "tokens_per_sec": round(tokens / seconds), "tflops": round(tflops, 1), "mfu": round(tflops / peak_tflops, 3),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "packing_efficiency": round(efficiency, 4),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0, 2), "packing_efficiency": round(efficiency, 4),
             "first_step_s": round(times[0], 1), "loss_first": round(losses[0], 3), "loss_last": round(losses[-1], 3),
             "patches": {k: v for k, v in applied.items() if k != "fp8"}}
 
@@ -114,11 +117,12 @@ def versions() -> str:
     import transformers
     import triton
     names = {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__}
-    for module in ("liger_kernel", "torchao"):
+    from importlib.metadata import PackageNotFoundError, version
+    for package in ("liger-kernel", "torchao"):
         try:
-            names[module] = __import__(module).__version__
-        except ImportError:
-            names[module] = "missing"
+            names[package] = version(package)
+        except PackageNotFoundError:
+            names[package] = "missing"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return f"{gpu}; " + ", ".join(f"{k} {v}" for k, v in names.items()) + f"; git {sha or 'unknown'}"
@@ -141,22 +145,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stacks", default="transformers,peer,ours,ours_fp8")
     parser.add_argument("--one", choices=sorted(STACKS), help="run one stack in this process and print its JSON")
+    parser.add_argument("--preset", default="qwen3-30b-a3b", help="model preset of config/models/")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--micro_batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak_tflops", type=float, default=790.0)
+    parser.add_argument("--timeout_per_stack", type=float, default=900.0, help="seconds before a stack is abandoned")
     parser.add_argument("--baseline", default="peer", help="stack the ratio column compares with")
     args = parser.parse_args()
-    shape = ["--layers", str(args.layers), "--seq", str(args.seq), "--micro_batch", str(args.micro_batch),
+    shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq), "--micro_batch", str(args.micro_batch),
              "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops)]
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
-                                             args.peak_tflops)), flush=True)
+                                             args.peak_tflops, args.preset)), flush=True)
         return
     results = []
     for stack in args.stacks.split(","):
-        run = subprocess.run([sys.executable, __file__, "--one", stack, *shape], capture_output=True, text=True)
+        try:
+            run = subprocess.run([sys.executable, __file__, "--one", stack, *shape], capture_output=True, text=True,
+                                 timeout=args.timeout_per_stack)
+        except subprocess.TimeoutExpired:
+            results.append({"stack": stack, "error": f"timed out after {args.timeout_per_stack} s"})
+            continue
         found = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
         results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})
         print(json.dumps(results[-1]), flush=True)

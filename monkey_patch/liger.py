@@ -4,7 +4,8 @@ Flags and why (whole-step numbers: /work/shared/BASELINES.md, 6 layers, seq 8192
   rope, rms_norm             Triton RoPE and RMSNorm (incl. the per-head q_norm/k_norm); numerically the stock ops.
   fused_linear_cross_entropy lm_head + CE in chunks, never materialising [tokens, 151936] logits: peak 41.0 -> 33.0 GiB
                              and 0.213 -> 0.206 s/step together with rope/rms_norm. In training it returns
-                             logits=None: nothing may read outputs.logits then.
+                             logits=None: nothing may read outputs.logits then. In eval mode it materialises them
+                             (and transformers' CE upcasts them): [tokens, 151936] again during Trainer.evaluate.
   experts                    Liger's fused LigerExperts forward on every MoE layer (0.206 -> 0.184 s/step), a peer of
                              our own experts kernel; off by default (Liger calls it swiglu and defaults it to True).
   cross_entropy              never: exclusive with fused_linear_cross_entropy, and it swaps torch's cross_entropy

@@ -128,6 +128,11 @@ def _varlen_kernel(q_TH, k_TK, v_TK, cu_seqlens, max_seqlen, scaling):
     """Causal attention within documents; q [T, H, D], k/v [T, K, D] -> [T, H, D]. The signature changed across
     releases (first: is_causal=; 2.11: window_size=(-1, 0), no GQA argument; 2.13: keyword-only window_size, scale,
     enable_gqa), so it is read at run time."""
+    if _varlen_attn() is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen: use "
+                           "attn_implementation='flex_packed' or 'auto'")
+    if q_TH.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"varlen_attn runs in bf16/fp16, the model is {q_TH.dtype}: load it with dtype=bfloat16")
     fn, params = _varlen_attn()
     kwargs = {}
     if "is_causal" in params:
@@ -150,7 +155,7 @@ def _varlen_kernel(q_TH, k_TK, v_TK, cu_seqlens, max_seqlen, scaling):
     return fn(q_TH, k_TK, v_TK, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
-def _varlen_reference(q_TH, k_TK, v_TK, cu_seqlens, scaling):
+def _varlen_reference(q_TH, k_TK, v_TK, cu_seqlens, max_seqlen, scaling):
     """Plain-torch stand-in for `_varlen_kernel` (CPU, where varlen_attn does not run): one causal sdpa per document."""
     bounds = cu_seqlens.tolist()
     outs = []
@@ -179,15 +184,7 @@ def varlen_packed_forward(module, query, key, value, attention_mask, scaling=Non
     q, k, v = (t.transpose(1, 2).reshape(B * S, t.shape[1], D) for t in (query, key, value))
     if token_idx is not None:
         q, k, v = q[token_idx], k[token_idx], v[token_idx]
-    if query.is_cuda:
-        if _varlen_attn() is None:
-            raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen: "
-                               "use attn_implementation='flex_packed' or 'auto'")
-        if query.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"varlen_attn runs in bf16/fp16, the model is {query.dtype}: load it with dtype=bfloat16")
-        out = _varlen_kernel(q, k, v, cu, max_len, scaling)
-    else:
-        out = _varlen_reference(q, k, v, cu, scaling)
+    out = (_varlen_kernel if query.is_cuda else _varlen_reference)(q, k, v, cu, max_len, scaling)
     if token_idx is not None:  # padding rows get zeros; nothing downstream reads them
         out = out.new_zeros(B * S, H, D).index_copy(0, token_idx, out)
     return out.view(B, S, H, D), None
@@ -242,13 +239,9 @@ def padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
     return attention_mask[:, -kv_length:]
 
 
-def _register():
-    for name, fn in ((VARLEN_PACKED, varlen_packed_forward), (FLEX_PACKED, flex_packed_forward)):
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, padding_only_mask)
-
-
-_register()
+for _name, _fn in ((VARLEN_PACKED, varlen_packed_forward), (FLEX_PACKED, flex_packed_forward)):  # idempotent
+    AttentionInterface.register(_name, _fn)
+    AttentionMaskInterface.register(_name, padding_only_mask)
 
 
 def choose_attention(requested: str, device: torch.device | str) -> str:

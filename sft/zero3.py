@@ -2,31 +2,36 @@
 
   python -m sft.zero3 --model_name_or_path qwen3-30b-a3b          # a preset of config/models/
   python -m sft.zero3 --model_name_or_path Qwen/Qwen3-30B-A3B     # a hub id or local checkpoint (config.json only)
+  python -m sft.zero3 --model_name_or_path tiny --write z3.json   # also write config/zero3.json with that value
 
-DeepSpeed 0.19.8 (deepspeed/runtime/zero/parameter_offload.py, `_get_granularity_recursively`) gives every module that
-is neither a container (ModuleList, ...) nor a parameter-free or childless module a granularity of
-`parameters in its subtree // (1 + modules with parameters below it)`, and with a threshold > 0 it turns every module
-whose granularity is <= the threshold into a leaf, parents first: a leaf's parameters are gathered in one go and its
-children get no fetch/release hooks. When the threshold is below every granularity it logs "you need to set
-stage3_module_granularity_threshold >= <smallest granularity>". That smallest granularity is what we recommend: it is
-what DeepSpeed asks for, the reference repo's value (1,175,567 = the MoE block of Qwen3-30B-A3B when its 128 experts
-were 384 nn.Linear modules: 604,241,920 // 514), and it never makes a whole decoder layer a leaf (checked and reported).
+DeepSpeed 0.19.8 (deepspeed/runtime/zero/parameter_offload.py, `_get_granularity_recursively`) rates every module that
+has parameters, has children and is not a container (ModuleList, ...) with a granularity of
+`parameters in its subtree // (1 + modules below it that have parameters)`. With a threshold > 0 it (a) turns on fast
+fetch/release for leaf modules (`fast_sharding_for_leaf_module`) and (b) turns every module rated <= the threshold into
+a leaf, parents first: a leaf's parameters are gathered in one go and its children get no hooks.
 
-Transformers 5 fuses the experts into two parameters, so the MoE block has few hooks anyway and the smallest
-granularity is now the attention block's. The MoE block itself is a leaf through config/zero3.json's `leaf_module`
-(and DeepSpeed's defaults), whatever the threshold. The model is built on the meta device: no memory, no download of
-weights.
+What we recommend: a threshold that turns (a) on and makes nothing but MoE blocks leaves through (b). That is the MoE
+block's granularity when it is the smallest, as in the reference repo (transformers 4 stored the 128 experts of
+Qwen3-30B-A3B as 384 nn.Linear: 604,241,920 // 514 = 1,175,567, its value); otherwise one below the smallest
+granularity. Transformers 5 fuses the experts into two tensors, so the smallest module is now the attention block
+(Qwen3-30B-A3B: 2,696,374), and attention blocks made leaves by the threshold crash the backward in DeepSpeed 0.19.8
+("RuntimeError: 1 != 4096 Cannot reduce scatter gradients whose size is not same as the params", tiny preset, 2
+processes on CPU). The MoE block is a leaf anyway through `leaf_module` in config/zero3.json. DeepSpeed then logs
+"you need to set stage3_module_granularity_threshold >= <smallest>": expected, and a check that the table below agrees
+with DeepSpeed (tests/test_distributed.py reads it). The model is built on the meta device: no memory, no weights.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 MOE_BLOCK = "Qwen3MoeSparseMoeBlock"
-DECODER_LAYER = "Qwen3MoeDecoderLayer"
+ZERO3_CONFIG = Path(__file__).resolve().parent.parent / "config" / "zero3.json"
 
 
 def granularities(model: nn.Module) -> dict[str, int]:
@@ -71,14 +76,17 @@ def leaves_at(model: nn.Module, rated: dict[str, int], threshold: int) -> list[s
 
 
 def recommend(model: nn.Module) -> tuple[int, dict[str, int], list[str]]:
-    """(recommended threshold, granularity per rated module, modules that become leaves at it)."""
+    """(recommended threshold, granularity per rated module, modules that become leaves at it): see the docstring."""
     rated = granularities(model)
-    threshold = min(rated.values())
+    moe = [value for name, value in rated.items() if type(model.get_submodule(name)).__name__ == MOE_BLOCK]
+    if not moe:
+        raise ValueError(f"no {MOE_BLOCK} in the model: this command is for Qwen3-MoE configs")
+    smallest = min(rated.values())
+    threshold = max(moe) if max(moe) == smallest else max(1, smallest - 1)
     leaves = leaves_at(model, rated, threshold)
-    whole_layers = [n for n in leaves if type(model.get_submodule(n)).__name__ == DECODER_LAYER]
-    if whole_layers:
-        raise ValueError(f"the smallest granularity {threshold} would make whole decoder layers ZeRO-3 leaves "
-                         f"({whole_layers[0]}, ...): set stage3_module_granularity_threshold below it by hand")
+    others = [n for n in leaves if type(model.get_submodule(n)).__name__ != MOE_BLOCK]
+    if others:  # MoE blocks of unequal sizes would be the only way here; say so rather than recommend a bad value
+        raise ValueError(f"threshold {threshold} would also make {others[0]} a ZeRO-3 leaf; set it by hand")
     return threshold, rated, leaves
 
 
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_name_or_path", default="qwen3-30b-a3b", help="preset, hub id or local directory")
     parser.add_argument("--num_hidden_layers", type=int, default=None, help="presets and configs: override layers")
+    parser.add_argument("--write", default=None, help="write config/zero3.json with the recommended value here")
     args = parser.parse_args(argv)
     model = meta_model(args.model_name_or_path, args.num_hidden_layers)
     threshold, rated, leaves = recommend(model)
@@ -110,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'module class'.ljust(32)}{'granularity'.rjust(14)}")
     for cls, value in sorted(by_class.items(), key=lambda kv: kv[1]):
         print(f"{cls.ljust(32)}{value:>14,}")
-    leaf_classes = sorted({type(model.get_submodule(n)).__name__ for n in leaves})
-    print(f"leaves at the threshold: {len(leaves)} modules ({', '.join(leaf_classes)}); "
-          f"{MOE_BLOCK} is a leaf through leaf_module in config/zero3.json")
+    print(f"leaves made by the threshold: {len(leaves)} (none is fine: {MOE_BLOCK} is a leaf through leaf_module)")
     print(f'"stage3_module_granularity_threshold": {threshold}')
+    if args.write:
+        config = json.loads(ZERO3_CONFIG.read_text())
+        config["zero_optimization"]["stage3_module_granularity_threshold"] = threshold
+        Path(args.write).write_text(json.dumps(config, indent=2) + "\n")
+        print(f"wrote {args.write}")
     return 0
 
 

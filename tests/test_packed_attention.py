@@ -110,13 +110,18 @@ def test_registered_and_no_dense_mask(name, monkeypatch):
     assert seen[0] is None and seen[1] is None and seen[2].shape == (2, 6) and seen[2].dtype == torch.bool
 
 
-def test_layout_built_once_per_forward(monkeypatch):
+def test_layout_built_once_per_forward_and_checkpointing(monkeypatch):
+    """Once for all layers, and gradient checkpointing's recompute reuses it (same position_ids object)."""
     calls, real = [], pa.document_layout
     monkeypatch.setattr(pa, "document_layout", lambda *a: calls.append(1) or real(*a))
     model = tiny_model(pa.VARLEN_PACKED)
     _, ids, pos = packed_batch(DOC_LENS)
-    model(input_ids=ids, position_ids=pos).logits.sum().backward()
+    _, plain = logits_and_grads(model, [{"input_ids": ids, "position_ids": pos.clone()}])
+    model.gradient_checkpointing_enable()
+    calls.clear()
+    _, checkpointed = logits_and_grads(model, [{"input_ids": ids, "position_ids": pos}])
     assert model.config.num_hidden_layers > 1 and len(calls) == 1
+    assert_grads_close(checkpointed, plain, 1e-6)
 
 
 # ---- packed == separate documents (CPU, fp32) ------------------------------------------------------------------
@@ -221,19 +226,19 @@ def test_varlen_signature_adapter(fake, expect, monkeypatch):
 
     def kernel(q, k, v, cu, cu_k, max_q, max_k, **kw):
         seen.update(kw)  # compute like the real kernel would, with the repeated heads if the adapter repeated them
-        return pa._varlen_reference(q, k, v, cu, kw.get("scale"))
+        return pa._varlen_reference(q, k, v, cu, max_q, kw.get("scale"))
     monkeypatch.setattr(pa, "_varlen_attn", lambda: (kernel, frozenset(inspect.signature(fake).parameters)))
-    q, k, v = torch.randn(10, 4, 64), torch.randn(10, 2, 64), torch.randn(10, 2, 64)
+    q, k, v = (torch.randn(10, h, 64, dtype=torch.bfloat16) for h in (4, 2, 2))
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     out = pa._varlen_kernel(q, k, v, cu, 7, 0.125)
     assert seen == expect
-    torch.testing.assert_close(out, pa._varlen_reference(q, k, v, cu, 0.125))
+    torch.testing.assert_close(out, pa._varlen_reference(q, k, v, cu, 7, 0.125))
 
 
 def test_varlen_without_scale_argument_refuses_other_scaling(monkeypatch):
     monkeypatch.setattr(pa, "_varlen_attn", lambda: (None, frozenset(["window_size"])))
     with pytest.raises(RuntimeError, match="no scale argument"):
-        pa._varlen_kernel(torch.randn(4, 2, 64), torch.randn(4, 2, 64), torch.randn(4, 2, 64),
+        pa._varlen_kernel(*(torch.randn(4, 2, 64, dtype=torch.bfloat16) for _ in range(3)),
                           torch.tensor([0, 4], dtype=torch.int32), 4, 0.5)
 
 

@@ -35,18 +35,23 @@ def _expert_tile(pid_m, counts_ptr, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _gather_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, dw_ptr,
-    S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, stride_cm, S_BUCKET,
-    E_P2: tl.constexpr, SWIGLU_BWD: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, aux_ptr,
+    S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, S_BUCKET,
+    E_P2: tl.constexpr, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """C[r] = A[tok[r]] @ B[e(r)] for sorted rows r (scattered -> grouped).
+    """A[tok[r]] @ B[e(r)] for expert-sorted rows r (scattered -> grouped), N = I, with a SwiGLU epilogue.
 
-    Forward gate_up: A = X [T, H], B[e][d, n] = gate_up_proj[e, n, d], C = h [S, 2I].
-    Backward (SWIGLU_BWD): A = dY [T, H], B[e][d, n] = down_proj[e, d, n], so acc = g = dY[tok] @ down[e] [S, I];
-    the epilogue recomputes a = silu(gate) * up from h [S, 2I] and writes dH [S, 2I] = SwiGLU backward of w * g,
-    and partial <g, a> row sums (the routing-weight gradient) to dw [ceil(I / BLOCK_N), S] (one row per N-tile,
-    summed by the caller: deterministic, unlike atomics).
+    Forward (BACKWARD=False): A = X [T, H]; B[e][d, n] = gate_up_proj[e, n, d]. Each program computes the gate
+    columns [n0, n0 + BLOCK_N) and the matching up columns I + [n0, ...) as two accumulators sharing every A
+    load, so the epilogue holds both halves: it writes h [S, 2I] (c_ptr, kept for the backward) and
+    aw [S, I] = w * silu(gate) * up (aux_ptr), the down GEMM's operand with the routing weight folded in.
+    (Computing aw instead in the down GEMM's prologue, from h, ran at 196 TFLOP/s against 548 for the same
+    GEMM on a stored operand: H200, 32K tokens, 2026-11-28; see bench/notes_scattermoe.md.)
+    Backward (BACKWARD=True): A = dY [T, H]; B[e][d, n] = down_proj[e, d, n]; acc = g = dY[tok] @ down[e].
+    The epilogue recomputes gate, up from h (h_ptr) and writes dH [S, 2I] (c_ptr) = SwiGLU backward of w * g,
+    and the routing-weight gradient partials <g, silu(gate) * up> over this program's columns to
+    aux_ptr [ceil(I / BLOCK_N), S] fp32 (one row per N-tile, summed by the caller: deterministic).
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -66,50 +71,57 @@ def _gather_matmul_kernel(
     a_ptrs = a_ptr + tok[:, None] * stride_am + offs_d[None, :]
     b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + offs_d[:, None] * stride_bd + cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         if EVEN_D:
             a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
+            bmask = cmask[None, :]
         else:
-            dmask = offs_d < D - d0
-            a = tl.load(a_ptrs, mask=dmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=dmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            a = tl.load(a_ptrs, mask=offs_d[None, :] < D - d0, other=0.0)
+            bmask = (offs_d[:, None] < D - d0) & cmask[None, :]
+        acc = tl.dot(a, tl.load(b_ptrs, mask=bmask, other=0.0), acc, input_precision=DOT_PREC)
+        if not BACKWARD:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=bmask, other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PREC)
         a_ptrs += BLOCK_D
         b_ptrs += BLOCK_D * stride_bd
     out_ty = c_ptr.dtype.element_ty
     mask2 = rmask[:, None] & cmask[None, :]
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
-    if SWIGLU_BWD:
-        h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * (2 * N) + cols[None, :]
+    rows64 = rows.to(tl.int64)
+    c_ptrs = c_ptr + rows64[:, None] * (2 * N) + cols[None, :]
+    w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        h_ptrs = h_ptr + rows64[:, None] * (2 * N) + cols[None, :]
         gate = tl.load(h_ptrs, mask=mask2, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + N, mask=mask2, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = gate * sig
-        # a exactly as the forward fed it to the down GEMM (rounded to the activation dtype).
-        a = (silu * up).to(out_ty).to(tl.float32)
-        tl.store(dw_ptr + pid_n * S + rows, tl.sum(acc * a, 1), mask=rmask)
+        tl.store(aux_ptr + pid_n * S + rows, tl.sum(acc * (silu * up), 1), mask=rmask)
         da = acc * w[:, None]
         tl.store(c_ptrs, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty), mask=mask2)
         tl.store(c_ptrs + N, (da * silu).to(out_ty), mask=mask2)
     else:
-        tl.store(c_ptrs, acc.to(out_ty), mask=mask2)
+        gate = acc.to(out_ty)
+        up = acc_up.to(out_ty)
+        tl.store(c_ptrs, gate, mask=mask2)
+        tl.store(c_ptrs + N, up, mask=mask2)
+        # From the stored (rounded) h, so the backward's recomputation from h sees the same values.
+        gate = gate.to(tl.float32)
+        aw = gate * tl.sigmoid(gate) * up.to(tl.float32) * w[:, None]
+        tl.store(aux_ptr + rows64[:, None] * N + cols[None, :], aw.to(out_ty), mask=mask2)
 
 
 @triton.jit
 def _scatter_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, slot_ptr, counts_ptr, w_ptr,
+    a_ptr, b_ptr, c_ptr, slot_ptr, counts_ptr,
     S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, stride_cm, S_BUCKET,
-    E_P2: tl.constexpr, SWIGLU_IN: tl.constexpr, SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """C[slot[r]] = (w[r] *) A[r] @ B[e(r)] for sorted rows r (grouped -> scattered).
+    """C[slot[r]] = A[r] @ B[e(r)] for expert-sorted rows r (grouped -> scattered).
 
-    Forward down: A = silu(h[:, :I]) * h[:, I:] computed tile by tile from h [S, 2I] (SWIGLU_IN; the [S, I]
-    activation never exists in memory), B[e][d, n] = down_proj[e, n, d], SCALE by the routing weight; C [S, H]
-    in slot order, so that Y = C.view(T, K, H).sum(1).
-    Backward dX: A = dH [S, 2I], B[e][d, n] = gate_up_proj[e, d, n], C [S, H] in slot order.
+    Forward down: A = aw [S, I], B[e][d, n] = down_proj[e, n, d]; C [S, H] in slot order, Y = C.view(T, K, H).sum(1).
+    Backward dX: A = dH [S, 2I], B[e][d, n] = gate_up_proj[e, d, n]; C [S, H] in slot order, summed the same way.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -130,22 +142,14 @@ def _scatter_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         if EVEN_D:
-            dmask_a = offs_d[None, :] < BLOCK_D
+            a = tl.load(a_ptrs)
             b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
         else:
-            dmask_a = offs_d[None, :] < D - d0
+            a = tl.load(a_ptrs, mask=offs_d[None, :] < D - d0, other=0.0)
             b = tl.load(b_ptrs, mask=(offs_d[:, None] < D - d0) & cmask[None, :], other=0.0)
-        if SWIGLU_IN:
-            gate = tl.load(a_ptrs, mask=dmask_a, other=0.0).to(tl.float32)
-            up = tl.load(a_ptrs + D, mask=dmask_a, other=0.0).to(tl.float32)
-            a = (gate * tl.sigmoid(gate) * up).to(b.dtype)
-        else:
-            a = tl.load(a_ptrs, mask=dmask_a, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_D
         b_ptrs += BLOCK_D * stride_bd
-    if SCALE:
-        acc = acc * tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
     slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
     c_ptrs = c_ptr + slot[:, None] * stride_cm + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -153,15 +157,14 @@ def _scatter_matmul_kernel(
 
 @triton.jit
 def _expert_wgrad_kernel(
-    a_ptr, b_ptr, c_ptr, a_idx_ptr, b_idx_ptr, counts_ptr, order_ptr, w_ptr,
+    a_ptr, b_ptr, c_ptr, a_idx_ptr, b_idx_ptr, counts_ptr, order_ptr,
     E, M, N, stride_ar, stride_br, stride_ce, stride_cm, S_BUCKET,
-    E_P2: tl.constexpr, A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr,
-    B_SWIGLU: tl.constexpr, DOT_PREC: tl.constexpr,
+    E_P2: tl.constexpr, A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """C[e] [M, N] = sum over expert e's sorted rows r of A_row(r)^T B_row(r) (reduction over routed rows).
 
-    dW2 = down_proj.grad [E, H, I]: A_row = w[r] * dY[tok[r]] (A_GATHER, A_SCALE), B_row = silu(gate)*up from h.
+    dW2 = down_proj.grad [E, H, I]: A_row = dY[tok[r]] (A_GATHER), B_row = aw[r] (routing weight folded in).
     dW1 = gate_up_proj.grad [E, 2I, H]: A_row = dH[r], B_row = X[tok[r]] (B_GATHER).
     Experts are visited in `order` (most rows first) so that with skewed routing the long reductions start
     first instead of forming the tail. Experts with no rows get zeros.
@@ -196,32 +199,23 @@ def _expert_wgrad_kernel(
             a_rows = rows.to(tl.int64)
         a_t = tl.load(a_ptr + a_rows[None, :] * stride_ar + offs_m[:, None],
                       mask=rmask[None, :] & mmask[:, None], other=0.0)
-        if A_SCALE:
-            w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-            a_t = (a_t.to(tl.float32) * w[None, :]).to(a_ptr.dtype.element_ty)
         if B_GATHER:
             b_rows = tl.load(b_idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
         else:
             b_rows = rows.to(tl.int64)
-        b_ptrs = b_ptr + b_rows[:, None] * stride_br + offs_n[None, :]
-        bmask = rmask[:, None] & nmask[None, :]
-        if B_SWIGLU:
-            gate = tl.load(b_ptrs, mask=bmask, other=0.0).to(tl.float32)
-            up = tl.load(b_ptrs + N, mask=bmask, other=0.0).to(tl.float32)
-            b = (gate * tl.sigmoid(gate) * up).to(a_t.dtype)
-        else:
-            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_br + offs_n[None, :], mask=rmask[:, None] & nmask[None, :],
+                    other=0.0)
         acc = tl.dot(a_t, b, acc, input_precision=DOT_PREC)
     c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 # ---- autotuning -----------------------------------------------------------------------------------------------
-# Two configs per kernel: 12 compiles in all (a first H200 run with 3-5 configs each, 26 compiles, plus
-# Liger's autotuning did not finish a 32K-token benchmark in 200 s, 2026-11-28). Hopper tile shapes; fp32 (tests only) is pruned to one
-# small config because 128x256 fp32 tiles overflow the 228 KB of shared memory per SM.
-# DW_BLOCK_N: the SwiGLU-backward kernel writes one partial routing-weight gradient row per N-tile, so its
-# BLOCK_N is fixed and the caller can size that buffer without knowing the chosen config.
+# Two or three Hopper tile configs per kernel, 13 compiles in all: a first H200 run with 3-5 configs per kernel
+# (26 compiles) plus Liger's own autotuning did not finish a 32K-token benchmark in 200 s (2026-11-28).
+# fp32 (tests only) is pruned to one small config: 128x256 fp32 tiles overflow the 228 KB of shared memory.
+# DW_BLOCK_N: the SwiGLU-backward epilogue writes one partial routing-weight gradient row per N-tile, so its
+# BLOCK_N is fixed and the caller sizes that buffer without knowing the chosen config.
 DW_BLOCK_N = 128
 
 
@@ -229,9 +223,13 @@ def _cfg(bm, bn, bd, warps, stages, d_name="BLOCK_D"):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, d_name: bd}, num_warps=warps, num_stages=stages)
 
 
-GEMM_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)]
-SWIGLU_BWD_CONFIGS = [_cfg(128, DW_BLOCK_N, 64, 4, 4), _cfg(128, DW_BLOCK_N, 64, 8, 3)]
-WGRAD_CONFIGS = [_cfg(128, 128, 64, 8, 3, "BLOCK_R"), _cfg(128, 128, 64, 4, 4, "BLOCK_R")]
+# Forward gather: two [BLOCK_M, BLOCK_N] fp32 accumulators (gate and up), so 128 x 128 wants 8 warps.
+GATE_UP_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)]
+# Backward gather: its epilogue holds ~6 tiles of fp32 (acc, gate, up, sigmoid, ...); fewer rows per warp spill less.
+SWIGLU_BWD_CONFIGS = [_cfg(128, DW_BLOCK_N, 64, 8, 3), _cfg(64, DW_BLOCK_N, 64, 4, 4), _cfg(128, DW_BLOCK_N, 64, 4, 4)]
+SCATTER_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)]
+WGRAD_CONFIGS = [_cfg(128, 128, 64, 8, 3, "BLOCK_R"), _cfg(128, 128, 64, 4, 4, "BLOCK_R"),
+                 _cfg(128, 256, 64, 8, 3, "BLOCK_R")]
 FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": DW_BLOCK_N, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
 FP32_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2}
 
@@ -246,22 +244,21 @@ def _prune(fp32_config):
 
 
 def _quick_bench(kernel_call, quantiles):
-    # 5 ms warm-up / 25 ms of repeats instead of Triton's 25 / 100: the spread between configs is >5%, well above
-    # what the shorter run resolves, and tuning stays in seconds.
+    # 5 ms warm-up / 25 ms of repeats instead of Triton's 25 / 100: tuning one key stays under a second.
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _tuned(fn, configs, key, fp32_config=FP32_CONFIG):
+    return triton.autotune(configs, key=key, do_bench=_quick_bench,
+                           prune_configs_by={"early_config_prune": _prune(fp32_config)})(fn)
 
 
 _even_d = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 gather_matmul = _even_d(_gather_matmul_kernel)
 scatter_matmul = _even_d(_scatter_matmul_kernel)
 expert_wgrad = _expert_wgrad_kernel
-_GEMM_KEY = ["N", "D", "S_BUCKET", "SWIGLU_IN", "SCALE"]
-gather_matmul_tuned = triton.autotune(GEMM_CONFIGS, key=["N", "D", "S_BUCKET"], do_bench=_quick_bench,
-                                      prune_configs_by={"early_config_prune": _prune(FP32_CONFIG)})(gather_matmul)
-gather_swiglu_bwd_tuned = triton.autotune(SWIGLU_BWD_CONFIGS, key=["N", "D", "S_BUCKET"], do_bench=_quick_bench,
-                                          prune_configs_by={"early_config_prune": _prune(FP32_CONFIG)})(gather_matmul)
-scatter_matmul_tuned = triton.autotune(GEMM_CONFIGS, key=_GEMM_KEY, do_bench=_quick_bench,
-                                       prune_configs_by={"early_config_prune": _prune(FP32_CONFIG)})(scatter_matmul)
-expert_wgrad_tuned = triton.autotune(WGRAD_CONFIGS, key=["M", "N", "S_BUCKET", "A_GATHER", "B_GATHER"],
-                                     do_bench=_quick_bench,
-                                     prune_configs_by={"early_config_prune": _prune(FP32_WGRAD_CONFIG)})(expert_wgrad)
+gate_up_tuned = _tuned(gather_matmul, GATE_UP_CONFIGS, ["N", "D", "S_BUCKET"])
+swiglu_bwd_tuned = _tuned(gather_matmul, SWIGLU_BWD_CONFIGS, ["N", "D", "S_BUCKET"])
+scatter_matmul_tuned = _tuned(scatter_matmul, SCATTER_CONFIGS, ["N", "D", "S_BUCKET"])
+expert_wgrad_tuned = _tuned(expert_wgrad, WGRAD_CONFIGS, ["M", "N", "S_BUCKET", "A_GATHER", "B_GATHER"],
+                            FP32_WGRAD_CONFIG)

@@ -3,16 +3,16 @@
 Shape legend: T tokens, K top_k, E experts, H hidden, I moe intermediate, S = T*K routed rows.
 
 Forward (2 GEMM launches + sort + one [S, H] -> [T, H] sum):
-  h [S, 2I]  = X[tok] @ gate_up[e]^T                 (gather_matmul, rows in expert-sorted order; saved)
-  buf [S, H] = w * (silu(h_gate) * h_up) @ down[e]^T (scatter_matmul, written to each row's (t, k) slot)
-  Y [T, H]   = buf.view(T, K, H).sum(1)              (deterministic, fp32 accumulation inside torch.sum)
+  h [S, 2I], aw [S, I] = X[tok] @ gate_up[e]^T, w * silu(h_gate) * h_up (gather_matmul; expert-sorted rows)
+  buf [S, H]           = aw @ down[e]^T, written to each row's (t, k) slot   (scatter_matmul)
+  Y [T, H]             = buf.view(T, K, H).sum(1)   (deterministic; fp32 accumulation inside torch.sum)
 Backward (4 GEMM launches):
-  dH [S, 2I], dw partials = SwiGLU-bwd(w * dY[tok] @ down[e]), <dY[tok] @ down[e], a>   (gather_matmul epilogue)
-  d down[e]    = sum_r (w dY[tok])^T a                                                (expert_wgrad, a from h)
-  d gate_up[e] = sum_r dH^T X[tok]                                                    (expert_wgrad)
-  dX           = (dH @ gate_up[e] scattered to slots).view(T, K, H).sum(1)             (scatter_matmul)
-Saved for backward: h [S, 2I] and the routing metadata (counts [E] int32, slot [S] int64), all computed from
-the inputs by a stable sort, so a gradient-checkpointing recompute reproduces them bit for bit.
+  dH [S, 2I], dw partials = SwiGLU-bwd(w * dY[tok] @ down[e]), <dY[tok] @ down[e], a>  (gather_matmul epilogue)
+  d down[e]    = sum_r dY[tok]^T aw          (expert_wgrad)
+  d gate_up[e] = sum_r dH^T X[tok]           (expert_wgrad)
+  dX           = (dH @ gate_up[e] scattered to slots).view(T, K, H).sum(1)   (scatter_matmul)
+Saved for backward: h [S, 2I], aw [S, I] and the routing metadata (counts [E] int32, slot [S] int64), all
+computed from the inputs by a stable sort, so a gradient-checkpointing recompute reproduces them bit for bit.
 """
 import os
 
@@ -24,7 +24,7 @@ from . import kernels as kn
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Fixed configs when autotuning is off (SCATTERMOE_AUTOTUNE=0: GPU tests, where each new shape would retune) or
 # under the CPU interpreter (16 = tl.dot's smallest tile; small tiles make tiny test shapes cross tile edges).
-_FIXED_BF16 = {"BLOCK_M": 128, "BLOCK_N": kn.DW_BLOCK_N, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4}
+_FIXED_BF16 = {"BLOCK_M": 128, "BLOCK_N": kn.DW_BLOCK_N, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
 _FIXED_BF16_WGRAD = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64, "num_warps": 8, "num_stages": 3}
 _FIXED_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}
 _FIXED_INTERPRET_WGRAD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_R": 16}
@@ -61,31 +61,33 @@ def routing_metadata(top_k_index_TK: torch.Tensor, num_experts: int) -> tuple[to
     return counts_E, slot_S
 
 
-def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, N, swiglu=None):
-    """C [S, N] (or dH [S, 2N] and dw partials [ceil(N/BLOCK_N), S] fp32 when swiglu=(h_S2I, w_S)) =
-    A[tok] @ B[e]; b_strides = (expert, d, n) strides of B viewed as [E, D, N]."""
+def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, w_S, h_S2I=None):
+    """Forward (h_S2I None): a_TD = X, b_E = gate_up -> (h [S, 2I], aw [S, I]).
+    Backward: a_TD = dY, b_E = down, h_S2I saved -> (dH [S, 2I], dw partials [ceil(I / BLOCK_N), S] fp32).
+    b_strides = (expert, d, n) strides of B viewed as [E, D, N] (N = I)."""
     S, D, E = tok_S.numel(), a_TD.shape[1], counts_E.numel()
+    N = b_E.shape[1] // 2 if h_S2I is None else b_E.shape[2]
+    backward = h_S2I is not None
     tuned = _autotune()
     meta = {} if tuned else dict(_fixed(a_TD.dtype, wgrad=False))
-    c = a_TD.new_empty(S, 2 * N if swiglu else N)
-    h_S2I, w_S = swiglu if swiglu else (c, c)
+    c = a_TD.new_empty(S, 2 * N)
     block_n = kn.DW_BLOCK_N if tuned else meta["BLOCK_N"]
-    dw = torch.empty(triton.cdiv(N, block_n), S, device=c.device, dtype=torch.float32) if swiglu else c
-    kernel = (kn.gather_swiglu_bwd_tuned if swiglu else kn.gather_matmul_tuned) if tuned else kn.gather_matmul
+    aux = (torch.empty(triton.cdiv(N, block_n), S, device=c.device, dtype=torch.float32) if backward
+           else a_TD.new_empty(S, N))
+    kernel = (kn.swiglu_bwd_tuned if backward else kn.gate_up_tuned) if tuned else kn.gather_matmul
 
     def grid(m):
         return ((triton.cdiv(S, m["BLOCK_M"]) + E) * triton.cdiv(N, m["BLOCK_N"]),)
 
-    kernel[grid](a_TD, b_E, c, tok_S, counts_E, h_S2I, w_S, dw,
-                 S, E, N, D, a_TD.stride(0), *b_strides, c.stride(0), triton.next_power_of_2(S),
-                 E_P2=triton.next_power_of_2(E), SWIGLU_BWD=swiglu is not None,
-                 DOT_PREC=_dot_precision(a_TD.dtype), **meta)
-    return (c, dw) if swiglu else c
+    kernel[grid](a_TD, b_E, c, tok_S, counts_E, c if h_S2I is None else h_S2I, w_S, aux,
+                 S, E, N, D, a_TD.stride(0), *b_strides, triton.next_power_of_2(S),
+                 E_P2=triton.next_power_of_2(E), BACKWARD=backward, DOT_PREC=_dot_precision(a_TD.dtype), **meta)
+    return c, aux
 
 
-def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N, D, w_S=None, swiglu_in=False):
-    """C [S, N] in slot order: C[slot[r]] = (w[r] *) A(r) @ B[e(r)]; A(r) = SwiGLU(h[r]) when swiglu_in."""
-    S, E = slot_S.numel(), counts_E.numel()
+def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N):
+    """C [S, N] in slot order: C[slot[r]] = A[r] @ B[e(r)]; b_strides as in _gather_matmul, D = A's width."""
+    S, D, E = slot_S.numel(), a_SD.shape[1], counts_E.numel()
     tuned = _autotune()
     meta = {} if tuned else dict(_fixed(a_SD.dtype, wgrad=False))
     c = a_SD.new_empty(S, N)
@@ -94,14 +96,13 @@ def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N, D, w_S=None, swig
     def grid(m):
         return ((triton.cdiv(S, m["BLOCK_M"]) + E) * triton.cdiv(N, m["BLOCK_N"]),)
 
-    kernel[grid](a_SD, b_E, c, slot_S, counts_E, c if w_S is None else w_S,
-                 S, E, N, D, a_SD.stride(0), *b_strides, c.stride(0), triton.next_power_of_2(S),
-                 E_P2=triton.next_power_of_2(E), SWIGLU_IN=swiglu_in, SCALE=w_S is not None,
-                 DOT_PREC=_dot_precision(a_SD.dtype), **meta)
+    kernel[grid](a_SD, b_E, c, slot_S, counts_E, S, E, N, D, a_SD.stride(0), *b_strides, c.stride(0),
+                 triton.next_power_of_2(S), E_P2=triton.next_power_of_2(E), DOT_PREC=_dot_precision(a_SD.dtype),
+                 **meta)
     return c
 
 
-def _expert_wgrad(a, b, out_EMN, counts_E, a_idx=None, b_idx=None, w_S=None, b_swiglu=False):
+def _expert_wgrad(a, b, out_EMN, counts_E, a_idx=None, b_idx=None):
     """out[e] = sum over expert e's sorted rows of A_row^T B_row (see kernels._expert_wgrad_kernel)."""
     E, M, N = out_EMN.shape
     S = int(a.shape[0] if a_idx is None else a_idx.numel())
@@ -114,80 +115,74 @@ def _expert_wgrad(a, b, out_EMN, counts_E, a_idx=None, b_idx=None, w_S=None, b_s
     def grid(m):
         return (E * triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
 
-    dummy = counts_E
-    kernel[grid](a, b, out_EMN, dummy if a_idx is None else a_idx, dummy if b_idx is None else b_idx,
-                 counts_E, order_E, dummy if w_S is None else w_S,
-                 E, M, N, a.stride(0), b.stride(0), out_EMN.stride(0), out_EMN.stride(1),
+    kernel[grid](a, b, out_EMN, counts_E if a_idx is None else a_idx, counts_E if b_idx is None else b_idx,
+                 counts_E, order_E, E, M, N, a.stride(0), b.stride(0), out_EMN.stride(0), out_EMN.stride(1),
                  triton.next_power_of_2(max(S, 1)), E_P2=triton.next_power_of_2(E),
-                 A_GATHER=a_idx is not None, A_SCALE=w_S is not None, B_GATHER=b_idx is not None,
-                 B_SWIGLU=b_swiglu, DOT_PREC=_dot_precision(a.dtype), **meta)
+                 A_GATHER=a_idx is not None, B_GATHER=b_idx is not None, DOT_PREC=_dot_precision(a.dtype), **meta)
     return out_EMN
 
 
 @torch.library.custom_op("scattermoe::experts_fwd", mutates_args=())
 def experts_fwd(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor,
                 top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Y [T, H], h [S, 2I], counts [E] int32, slot [S] int64); x and both weights share one dtype."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y [T, H], h [S, 2I], aw [S, I], counts [E] int32, slot [S] int64); x and both weights share one dtype."""
     T, H = x_TH.shape
     K = top_k_index_TK.shape[1]
     E, I2, _ = gate_up_E2IH.shape
     counts_E, slot_S = routing_metadata(top_k_index_TK, E)
     tok_S = torch.div(slot_S, K, rounding_mode="floor").to(torch.int32)
     w_S = top_k_weights_TK.reshape(-1)[slot_S].float()
-    # gate_up[e] is [2I, H]; B[e][d=h, n=j] = gate_up[e, j, h].
-    h_S2I = _gather_matmul(x_TH, gate_up_E2IH, (gate_up_E2IH.stride(0), 1, H), tok_S, counts_E, I2)
-    # down[e] is [H, I]; B[e][d=i, n=h] = down[e, h, i].
-    buf_SH = _scatter_matmul(h_S2I, down_EHI, (down_EHI.stride(0), 1, I2 // 2), slot_S, counts_E, H, I2 // 2,
-                             w_S=w_S, swiglu_in=True)
-    return buf_SH.view(T, K, H).sum(1), h_S2I, counts_E, slot_S
+    # gate_up[e] is [2I, H]: B[e][d=h, n=j] = gate_up[e, j, h].
+    h_S2I, aw_SI = _gather_matmul(x_TH, gate_up_E2IH, (gate_up_E2IH.stride(0), 1, H), tok_S, counts_E, w_S)
+    # down[e] is [H, I]: B[e][d=i, n=h] = down[e, h, i].
+    buf_SH = _scatter_matmul(aw_SI, down_EHI, (down_EHI.stride(0), 1, I2 // 2), slot_S, counts_E, H)
+    return buf_SH.view(T, K, H).sum(1), h_S2I, aw_SI, counts_E, slot_S
 
 
 @experts_fwd.register_fake
 def _experts_fwd_fake(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weights_TK):
-    S = top_k_index_TK.numel()
-    return (x_TH.new_empty(x_TH.shape), x_TH.new_empty(S, gate_up_E2IH.shape[1]),
+    S, I2 = top_k_index_TK.numel(), gate_up_E2IH.shape[1]
+    return (x_TH.new_empty(x_TH.shape), x_TH.new_empty(S, I2), x_TH.new_empty(S, I2 // 2),
             x_TH.new_empty(gate_up_E2IH.shape[0], dtype=torch.int32), x_TH.new_empty(S, dtype=torch.int64))
 
 
 @torch.library.custom_op("scattermoe::experts_bwd", mutates_args=())
 def experts_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor,
-                top_k_weights_TK: torch.Tensor, h_S2I: torch.Tensor, counts_E: torch.Tensor, slot_S: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                top_k_weights_TK: torch.Tensor, h_S2I: torch.Tensor, aw_SI: torch.Tensor, counts_E: torch.Tensor,
+                slot_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX [T, H], d gate_up [E, 2I, H], d down [E, H, I], d top_k_weights [T, K])."""
     T, H = x_TH.shape
     K = top_k_weights_TK.shape[1]
-    E, I2, _ = gate_up_E2IH.shape
-    I = I2 // 2
     S = slot_S.numel()
     dy_TH = dy_TH.contiguous().to(x_TH.dtype)
     tok_S = torch.div(slot_S, K, rounding_mode="floor").to(torch.int32)
     w_S = top_k_weights_TK.reshape(-1)[slot_S].float()
     # down[e] is [H, I]: B[e][d=h, n=i] = down[e, h, i].
-    dh_S2I, dw_partial = _gather_matmul(dy_TH, down_EHI, (down_EHI.stride(0), I, 1), tok_S, counts_E, I,
-                                        swiglu=(h_S2I, w_S))
+    dh_S2I, dw_partial = _gather_matmul(dy_TH, down_EHI, (down_EHI.stride(0), down_EHI.shape[2], 1), tok_S,
+                                        counts_E, w_S, h_S2I=h_S2I)
     dw_S = torch.empty(S, device=x_TH.device, dtype=torch.float32)
     dw_S[slot_S] = dw_partial.sum(0)
-    d_down = _expert_wgrad(dy_TH, h_S2I, torch.empty_like(down_EHI), counts_E, a_idx=tok_S, w_S=w_S, b_swiglu=True)
+    d_down = _expert_wgrad(dy_TH, aw_SI, torch.empty_like(down_EHI), counts_E, a_idx=tok_S)
     # gate_up[e] is [2I, H]: B[e][d=j, n=h] = gate_up[e, j, h].
-    dx_SH = _scatter_matmul(dh_S2I, gate_up_E2IH, (gate_up_E2IH.stride(0), H, 1), slot_S, counts_E, H, I2)
+    dx_SH = _scatter_matmul(dh_S2I, gate_up_E2IH, (gate_up_E2IH.stride(0), H, 1), slot_S, counts_E, H)
     d_gate_up = _expert_wgrad(dh_S2I, x_TH, torch.empty_like(gate_up_E2IH), counts_E, b_idx=tok_S)
     return (dx_SH.view(T, K, H).sum(1), d_gate_up, d_down, dw_S.view(T, K).to(top_k_weights_TK.dtype))
 
 
 @experts_bwd.register_fake
-def _experts_bwd_fake(dy_TH, x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, counts_E, slot_S):
+def _experts_bwd_fake(dy_TH, x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, aw_SI, counts_E, slot_S):
     return (torch.empty_like(x_TH), torch.empty_like(gate_up_E2IH), torch.empty_like(down_EHI),
             torch.empty_like(top_k_weights_TK))
 
 
 def _setup_context(ctx, inputs, output):
     x_TH, gate_up_E2IH, down_EHI, _, top_k_weights_TK = inputs
-    _, h_S2I, counts_E, slot_S = output
-    ctx.save_for_backward(x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, counts_E, slot_S)
+    _, h_S2I, aw_SI, counts_E, slot_S = output
+    ctx.save_for_backward(x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, aw_SI, counts_E, slot_S)
 
 
-def _backward(ctx, dy_TH, _dh, _dcounts, _dslot):
+def _backward(ctx, dy_TH, _dh, _daw, _dcounts, _dslot):
     dx, d_gate_up, d_down, d_weights = experts_bwd(dy_TH, *ctx.saved_tensors)
     # One gradient per forward input: x, gate_up_proj, down_proj, top_k_index (integer: none), top_k_weights.
     return dx, d_gate_up, d_down, None, d_weights
