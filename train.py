@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 
 import torch
@@ -30,18 +29,19 @@ from sft.data import DataError, load_conversations  # noqa: E402
 from sft.metrics import detect_peak_tflops, flops_per_token  # noqa: E402
 from sft.model import load_model, load_tokenizer  # noqa: E402
 from sft.render import tokenize_conversations  # noqa: E402
-from sft.trainer import SFTTrainer  # noqa: E402
+from sft.trainer import SFTTrainer, prepare_training_args, resolve_resume  # noqa: E402
 
 logger = logging.getLogger("train")
 
 
 def setup_logging(training_args) -> None:
-    level = training_args.get_process_log_level()
+    """Our loggers at INFO on the main process (data counts, patch choices, efficiency); transformers at its own."""
+    level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
-    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
-def build_training_data(data_args, tokenizer):
+def build_training_data(data_args, tokenizer, pad_to_multiple_of: int | None = None):
     """(train dataset, collator, mean causal attention context per token) for the Trainer."""
     conversations = load_conversations(data_args.dataset, data_args.data_format, data_args.dataset_split,
                                        data_args.skip_bad_rows)
@@ -49,56 +49,20 @@ def build_training_data(data_args, tokenizer):
                                        data_args.assistant_only_loss)
     context = mean_causal_context(tokenized.examples)
     if data_args.packing:
-        return pack_examples(tokenized.examples, data_args.max_seq_length), PackedCollator(), context
-    return tokenized.examples, PaddedCollator(pad_token_id=tokenizer.pad_token_id), context
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N of output_dir that holds trainer_state.json. The Trainer writes that file last (after the
-    model, optimizer and RNG shards), so a run killed while saving leaves a newer folder without it: skip that one."""
-    steps = [int(m.group(1)) for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-             if (m := re.fullmatch(r"checkpoint-(\d+)", name))
-             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def resolve_resume(training_args) -> str | None:
-    """`--resume_from_checkpoint latest` (or true) resumes from the newest complete checkpoint-N in output_dir."""
-    requested = training_args.resume_from_checkpoint
-    if requested in (None, "", "false", "False"):
-        return None
-    if requested in ("latest", "true", "True"):
-        last = latest_checkpoint(training_args.output_dir)
-        if last is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no complete checkpoint-N folder in "
-                                    f"{training_args.output_dir}; start without it or pass a checkpoint path")
-        return last
-    if not os.path.isdir(requested):
-        raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such checkpoint folder")
-    return requested
-
-
-def fsdp_checkpoints_activations(training_args) -> bool:
-    """FSDP's activation checkpointing is on (config/accelerate/fsdp2.yaml, or --fsdp_config)."""
-    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
-        os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("true", "1")
-    flagged = bool(training_args.fsdp) and str(training_args.fsdp_config.get("activation_checkpointing")).lower() == "true"
-    return launched or flagged
+        collator = PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of)
+        return pack_examples(tokenized.examples, data_args.max_seq_length), collator, context
+    return tokenized.examples, PaddedCollator(tokenizer.pad_token_id, pad_to_multiple_of), context
 
 
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, patch_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
-    if training_args.include_num_input_tokens_seen == "no":
-        training_args.include_num_input_tokens_seen = "non_padding"  # real-token counts for the efficiency figures
-    training_args.remove_unused_columns = False  # our examples hold exactly what the collators read ("lengths" too)
+    prepare_training_args(training_args)
     resume = resolve_resume(training_args)
-    if training_args.gradient_checkpointing and fsdp_checkpoints_activations(training_args):
-        training_args.gradient_checkpointing = False  # FSDP checkpoints each decoder layer; transformers refuses both
-        logger.info("--gradient_checkpointing off: the FSDP config's activation checkpointing replaces it")
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name_or_path)
-    train_dataset, collator, context = build_training_data(data_args, tokenizer)
+    # FP8 GEMMs need token counts divisible by 16 (a packed row of 8187 tokens fails in torchao's backward).
+    train_dataset, collator, context = build_training_data(data_args, tokenizer, 16 if patch_args.fp8 else None)
 
     overrides = {"num_hidden_layers": model_args.num_hidden_layers} if model_args.num_hidden_layers else {}
     model = load_model(model_args.model_name_or_path, dtype=getattr(torch, model_args.model_dtype),

@@ -11,7 +11,7 @@ padding-free batches train.py builds. Providers, all on the same random q/k/v in
                     unpacked reference, and what varlen_packed/flex_packed run on unpacked batches
 Timed: the attention call, fwd+bwd, after warm-up, CUDA events, median of --reps. The mask / document layout is built
 once per forward and shared by all 48 layers, so its cost is a separate column ("setup", per forward).
-FLOPs: 3 x 4 x D x H x sum(n^2)/2 for fwd+bwd (causal within documents; the convention of /work/shared/BASELINES.md).
+FLOPs: 3 x 4 x D x H x sum(n^2)/2 for fwd+bwd (causal within documents; the convention of bench/results/baselines_h200_202611.md).
 
   python bench/attention.py [--seq 8192] [--reps 20]
 writes the markdown table to stdout and to $OUT/attention.md when $OUT is set.

@@ -12,8 +12,8 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
   peer          + Liger rope/rms_norm/fused-linear-CE + Liger's fused experts, each decoder layer torch.compile'd
   ours          our experts kernel + Liger (no swiglu) + our packed attention (`auto`)
   ours_fp8      ours + --fp8 (dense linears in FP8; compiled layers, as torchao recommends)
-MFU is over --peak_tflops, default 790: the bf16 dense GEMM rate measured on our H200 (../shared/gpu/README.md),
-the same peak ../shared/BASELINES.md uses, so figures compare with it.
+MFU is over --peak_tflops, default 790: the bf16 dense GEMM rate measured on our H200 (about 770-790),
+the same peak bench/results/baselines_h200_202611.md uses, so figures compare with it.
 """
 from __future__ import annotations
 
@@ -48,8 +48,10 @@ def document_lengths(total_tokens: int, seq: int, seed: int = 0) -> list[int]:
     return lengths
 
 
-def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: str, seed: int = 0):
-    """`steps` packed batches of `micro_batch` rows of `seq` slots, and the packing efficiency (real / slots)."""
+def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: str, pad_to_multiple_of=None,
+                   seed: int = 0):
+    """`steps` packed batches of `micro_batch` rows of `seq` slots, their real-token counts, the packing efficiency
+    (real tokens / slots) and the mean causal attention context."""
     import torch
     from sft.collate import PackedCollator, pack_examples
 
@@ -62,11 +64,13 @@ def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: s
     if len(rows) < steps * micro_batch:
         raise RuntimeError("not enough packed rows; raise the token budget in packed_batches")
     efficiency = sum(len(r["input_ids"]) for r in rows) / (len(rows) * seq)
-    collate = PackedCollator()
-    batches = [collate(rows[i * micro_batch:(i + 1) * micro_batch]) for i in range(steps)]
+    collate = PackedCollator(pad_token_id=0, pad_to_multiple_of=pad_to_multiple_of)
+    groups = [rows[i * micro_batch:(i + 1) * micro_batch] for i in range(steps)]
+    batches = [collate(group) for group in groups]
+    real_tokens = [sum(len(r["input_ids"]) for r in group) for group in groups]  # padding excluded
     lengths_used = [n for r in rows for n in r["lengths"]]
     context = sum(n * n / 2 for n in lengths_used) / sum(lengths_used)
-    return [{k: v.to(device) for k, v in b.items()} for b in batches], efficiency, context
+    return [{k: v.to(device) for k, v in b.items()} for b in batches], real_tokens, efficiency, context
 
 
 def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
@@ -89,7 +93,9 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     warmup = 3
-    batches, efficiency, context = packed_batches(warmup + steps, micro_batch, seq, model.config.vocab_size, device)
+    fp8 = patches.get("fp8", False)  # FP8 GEMMs need token counts divisible by 16
+    batches, real_tokens, efficiency, context = packed_batches(warmup + steps, micro_batch, seq, model.config.vocab_size, device,
+                                                  pad_to_multiple_of=16 if fp8 else None)
     times, losses = [], []
     for i, batch in enumerate(batches):
         if i == warmup and device == "cuda":
@@ -103,7 +109,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         losses.append(loss.item())  # synchronizes
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times[warmup:])
-    tokens = statistics.median(b["input_ids"].numel() for b in batches[warmup:])
+    tokens = statistics.median(real_tokens[warmup:])
     tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
     return {"stack": stack, "layers": layers, "seq": seq, "micro_batch": micro_batch, "sec_per_step": round(seconds, 4),
             "tokens_per_sec": round(tokens / seconds), "tflops": round(tflops, 1), "mfu": round(tflops / peak_tflops, 3),
@@ -162,9 +168,11 @@ def main() -> None:
         return
     results = []
     for stack in args.stacks.split(","):
+        # Liger's fused-experts autotune tries ~200 configs per shape (minutes); its documented switch pins one config.
+        env = dict(os.environ, LIGER_FUSED_MOE_AUTOTUNE=os.environ.get("LIGER_FUSED_MOE_AUTOTUNE", "0"))
         try:
             run = subprocess.run([sys.executable, __file__, "--one", stack, *shape], capture_output=True, text=True,
-                                 timeout=args.timeout_per_stack)
+                                 timeout=args.timeout_per_stack, env=env)
         except subprocess.TimeoutExpired:
             results.append({"stack": stack, "error": f"timed out after {args.timeout_per_stack} s"})
             continue

@@ -1,6 +1,6 @@
 """Liger kernels on one Qwen3-MoE model instance, through Liger's own entry point apply_liger_kernel_to_qwen3_moe.
 
-Flags and why (whole-step numbers: /work/shared/BASELINES.md, 6 layers, seq 8192, one H200):
+Flags and why (whole-step numbers: bench/results/baselines_h200_202611.md, 6 layers, seq 8192, one H200):
   rope, rms_norm             Triton RoPE and RMSNorm (incl. the per-head q_norm/k_norm); numerically the stock ops.
   fused_linear_cross_entropy lm_head + CE in chunks, never materialising [tokens, 151936] logits: peak 41.0 -> 33.0 GiB
                              and 0.213 -> 0.206 s/step together with rope/rms_norm. In training it returns

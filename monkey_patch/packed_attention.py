@@ -3,7 +3,7 @@
 A packed batch is input_ids [B, S] whose position_ids restart at each document (see tests/test_packed_attention.py).
 Under "sdpa" transformers 5.17 detects the restarts (masking_utils.find_packed_sequence_indices) and builds a dense
 block-diagonal mask: 12.6 ms fwd+bwd for one 8192-token row of 4 documents on an H200, against 2.7 ms for
-`varlen_attn` or compiled `flex_attention` (/work/shared/BASELINES.md, attention section). Both our implementations:
+`varlen_attn` or compiled `flex_attention` (bench/results/baselines_h200_202611.md, attention section). Both our implementations:
   packed or padded batch -> documents only (varlen kernel on the unpadded tokens, or flex with a document BlockMask);
   one document per row, no padding -> plain causal sdpa (nothing to mask).
 The document layout (cu_seqlens, doc ids, BlockMask) is derived once per forward from position_ids and the 2D padding

@@ -55,7 +55,13 @@ def pack_examples(examples: list[dict], max_seq_length: int) -> list[dict]:
 
 @dataclass
 class PackedCollator:
-    """Rows from `pack_examples` -> one flattened, padding-free row with per-document position_ids."""
+    """Rows from `pack_examples` -> one flattened, padding-free row with per-document position_ids.
+
+    `pad_to_multiple_of` (FP8 GEMMs need token counts divisible by 16) appends one padding document of
+    `pad_token_id`s, never a target, that attends only to itself.
+    """
+    pad_token_id: int = 0
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         input_ids, labels, positions = [], [], []
@@ -66,6 +72,10 @@ class PackedCollator:
                 labels += [IGNORE_INDEX] + row["labels"][start + 1:start + length]
                 positions += range(length)
                 start += length
+        pad = -len(input_ids) % self.pad_to_multiple_of if self.pad_to_multiple_of else 0
+        input_ids += [self.pad_token_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        positions += range(pad)
         return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions])}
 

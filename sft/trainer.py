@@ -1,4 +1,5 @@
-"""The Hugging Face Trainer, with a resume that restores MoE expert weights.
+"""The Hugging Face Trainer around our runs: argument fix-ups, which checkpoint to resume, and a resume that restores
+MoE expert weights.
 
 transformers 5.17's `Trainer._load_from_checkpoint` reads model.safetensors into `load_state_dict(strict=False)`.
 Checkpoints hold the stock per-expert layout (`experts.N.gate_proj.weight`, what `save_pretrained` writes), while the
@@ -15,11 +16,56 @@ FULL_STATE_DICT), so `save_model` gathers the full state dict for the final save
 from __future__ import annotations
 
 import logging
+import os
+import re
 
 import torch
 from transformers import AutoModelForCausalLM, Trainer
 
 logger = logging.getLogger(__name__)
+
+
+def prepare_training_args(training_args) -> None:
+    """The TrainingArguments our pipeline relies on, set in place."""
+    if training_args.include_num_input_tokens_seen == "no":
+        training_args.include_num_input_tokens_seen = "non_padding"  # real-token counts for the efficiency figures
+    training_args.remove_unused_columns = False  # our examples hold exactly what the collators read ("lengths" too)
+    if training_args.gradient_checkpointing and fsdp_checkpoints_activations(training_args):
+        training_args.gradient_checkpointing = False  # FSDP checkpoints each decoder layer; transformers refuses both
+        logger.info("--gradient_checkpointing off: the FSDP config's activation checkpointing replaces it")
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N of output_dir that holds trainer_state.json. The Trainer writes that file last (after the
+    model, optimizer and RNG shards), so a run killed while saving leaves a newer folder without it: skip that one."""
+    steps = [int(m.group(1)) for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name))
+             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def resolve_resume(training_args) -> str | None:
+    """`--resume_from_checkpoint latest` (or true) resumes from the newest complete checkpoint-N in output_dir."""
+    requested = training_args.resume_from_checkpoint
+    if requested in (None, "", "false", "False"):
+        return None
+    if requested in ("latest", "true", "True"):
+        last = latest_checkpoint(training_args.output_dir)
+        if last is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no complete checkpoint-N folder in "
+                                    f"{training_args.output_dir}; start without it or pass a checkpoint path")
+        return last
+    if not os.path.isdir(requested):
+        raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no such checkpoint folder")
+    return requested
+
+
+def fsdp_checkpoints_activations(training_args) -> bool:
+    """FSDP's activation checkpointing is on (config/accelerate/fsdp2.yaml, or --fsdp_config)."""
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+        os.environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() in ("true", "1")
+    flagged = bool(training_args.fsdp) and str(training_args.fsdp_config.get("activation_checkpointing")).lower() == "true"
+    return launched or flagged
 
 
 class SFTTrainer(Trainer):

@@ -12,7 +12,7 @@ def test_flops_per_token_matches_the_published_count():
     config = preset_config("qwen3-30b-a3b")
     # Qwen3-30B-A3B is "A3B": about 3.3 B active parameters, of which 0.31 B the embedding lookup (not a matmul).
     assert 2.9e9 < active_matmul_params(config) + 2048 * 151936 < 3.5e9
-    # ../shared/BASELINES.md: 5.12 GFLOP/token for 6 layers at seq 8192 (causal: a token sees 4096 keys on average).
+    # bench/results/baselines_h200_202611.md: 5.12 GFLOP/token for 6 layers at seq 8192 (causal: a token sees 4096 keys on average).
     six_layers = preset_config("qwen3-30b-a3b", num_hidden_layers=6)
     assert flops_per_token(six_layers, mean_context=8192 / 2) == pytest.approx(5.12e9, rel=0.01)
     # ... and 27.9 GFLOP/token for the full model.

@@ -71,3 +71,10 @@ def test_packed_batch_equals_each_document_alone(attn):
         start += n
     (total / packed.numel()).backward()
     torch.testing.assert_close(packed_grad, model.model.embed_tokens.weight.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_packed_collator_pads_to_a_multiple_with_a_separate_untrained_document():
+    batch = PackedCollator(pad_token_id=7, pad_to_multiple_of=16)(pack_examples(examples_of([3, 5, 2]), 16))
+    assert batch["input_ids"].shape == (1, 16)
+    assert batch["input_ids"][0, 10:].eq(7).all() and batch["labels"][0, 10:].eq(IGNORE_INDEX).all()
+    assert batch["position_ids"][0, 10:].tolist() == list(range(6))  # its own document: attends only to itself

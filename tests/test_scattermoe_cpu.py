@@ -1,5 +1,5 @@
 """CPU checks of the scattermoe experts: registration, model wiring, state_dict, and the Triton kernels themselves
-under TRITON_INTERPRET=1 (fp32 only: the interpreter computes bf16 tl.dot wrongly, see shared/TRAPS.md).
+under TRITON_INTERPRET=1 (fp32 only: the interpreter computes bf16 tl.dot wrongly: measured with triton 3.x).
 
 Shape legend: T tokens, K top_k, E experts, H hidden, I moe intermediate.
 """
