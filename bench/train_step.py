@@ -8,10 +8,16 @@ torch AdamW, and packed padding-free batches from `sft.collate` built from a lon
   python bench/train_step.py --one ours              # one stack in this process (what the driver runs)
 
 Stacks (each in a fresh process: Liger's patches are class-level and would leak between stacks):
-  transformers  grouped_mm experts + sdpa (transformers' default; packed batches get its block-diagonal mask)
-  peer          + Liger rope/rms_norm/fused-linear-CE + Liger's fused experts, each decoder layer torch.compile'd
-  ours          our experts kernel + Liger (no swiglu) + our packed attention (`auto`)
-  ours_fp8      ours + --fp8 (dense linears in FP8; compiled layers, as torchao recommends)
+  transformers           grouped_mm experts + sdpa (the default; packed batches get its block-diagonal mask)
+  liger_experts          + Liger rope/rms_norm/fused-linear-CE + Liger's fused experts (LigerExperts)
+  liger_compiled         + Liger rope/rms_norm/fused-linear-CE, grouped_mm experts, each decoder layer compiled
+                         (the best row of bench/results/baselines_h200_202611.md)
+  liger_flex_compiled    as liger_compiled, with transformers' own flex_attention for the packed documents
+  liger_experts_compiled LigerExperts and compiled layers (failed on packed batches in torch.compile's backward)
+  ours                   our experts kernel + Liger (no swiglu) + our packed attention (`auto`)
+  ours_compiled          ours with each decoder layer compiled
+  ours_fp8               ours + --fp8 (dense linears in FP8; compiled layers, as torchao recommends)
+The peer of the ratio column is the fastest Liger stack of the run.
 MFU is over --peak_tflops, default 790: the bf16 dense GEMM rate measured on our H200 (about 770-790),
 the same peak bench/results/baselines_h200_202611.md uses, so figures compare with it.
 """
@@ -30,7 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STACKS = {  # name -> apply_patches arguments, and whether decoder layers are compiled
     "transformers": (dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"), False),
-    "peer": (dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"), True),
+    "liger_experts": (dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"), False),
+    "liger_compiled": (dict(moe_kernel="grouped_mm", liger="true", attn_implementation="sdpa"), True),
+    "liger_flex_compiled": (dict(moe_kernel="grouped_mm", liger="true", attn_implementation="flex_attention"), True),
+    "liger_experts_compiled": (dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"), True),
     "ours": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"), False),
     "ours_compiled": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"), True),
     "ours_fp8": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True), True),
@@ -134,14 +143,18 @@ def versions() -> str:
     return f"{gpu}; " + ", ".join(f"{k} {v}" for k, v in names.items()) + f"; git {sha or 'unknown'}"
 
 
-def table(results: list[dict], baseline: str) -> str:
-    base = next((r for r in results if r.get("stack") == baseline and "error" not in r), None)
-    lines = ["| stack | s/step | tokens/s | TFLOP/s | MFU | peak GiB | vs " + baseline + " |", "|---" * 7 + "|"]
+def table(results: list[dict]) -> str:
+    """Markdown table; the ratio column compares every stack with the fastest Liger stack of the same run."""
+    done = [r for r in results if "error" not in r]
+    peers = [r for r in done if r["stack"].startswith("liger")]
+    peer = max(peers, key=lambda r: r["tokens_per_sec"]) if peers else None
+    lines = [f"| stack | s/step | tokens/s | TFLOP/s | MFU | peak GiB | vs {peer['stack'] if peer else 'peer'} |",
+             "|---" * 7 + "|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['stack']} | error: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['stack']} | error: {r['error'][-160:]!r} | | | | | |")
             continue
-        ratio = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "-"
+        ratio = f"{r['tokens_per_sec'] / peer['tokens_per_sec']:.2f}x" if peer else "-"
         lines.append(f"| {r['stack']} | {r['sec_per_step']:.3f} | {r['tokens_per_sec']:,} | {r['tflops']} | "
                      f"{r['mfu']:.1%} | {r['peak_gib']} | {ratio} |")
     return "\n".join(lines)
@@ -149,7 +162,8 @@ def table(results: list[dict], baseline: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stacks", default="transformers,peer,ours,ours_fp8")
+    parser.add_argument("--stacks", default="transformers,liger_experts,liger_compiled,liger_flex_compiled,ours,"
+                                              "ours_compiled,ours_fp8")
     parser.add_argument("--one", choices=sorted(STACKS), help="run one stack in this process and print its JSON")
     parser.add_argument("--preset", default="qwen3-30b-a3b", help="model preset of config/models/")
     parser.add_argument("--layers", type=int, default=8)
@@ -158,7 +172,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak_tflops", type=float, default=790.0)
     parser.add_argument("--timeout_per_stack", type=float, default=900.0, help="seconds before a stack is abandoned")
-    parser.add_argument("--baseline", default="peer", help="stack the ratio column compares with")
     args = parser.parse_args()
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq), "--micro_batch", str(args.micro_batch),
              "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops)]
@@ -182,7 +195,7 @@ def main() -> None:
     report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{versions()}\n\n"
               f"Qwen3-30B-A3B shapes, {args.layers} layers, packed rows of {args.seq} tokens x micro-batch "
               f"{args.micro_batch}, gradient checkpointing, AdamW; median of {args.steps} steps after 3 warm-up; "
-              f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results, args.baseline)}\n")
+              f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results)}\n")
     print(report)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "train_step.md"), "w") as file:

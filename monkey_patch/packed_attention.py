@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 VARLEN_PACKED = "varlen_packed"
 FLEX_PACKED = "flex_packed"
-CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", VARLEN_PACKED, FLEX_PACKED)
+CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention", VARLEN_PACKED, FLEX_PACKED)
 
 
 @dataclass(eq=False)

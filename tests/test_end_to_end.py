@@ -24,7 +24,7 @@ def train(output_dir, *flags):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("run")
-    train(output_dir, "--max_steps", "10", "--save_steps", "5")
+    train(output_dir, "--max_steps", "10", "--save_steps", "5", "--report_to", "tensorboard")
     return output_dir
 
 
@@ -37,6 +37,14 @@ def test_loss_falls_and_metrics_are_logged(trained):
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     summary = json.loads((trained / "efficiency_summary.json").read_text())
     assert summary["last_loss"] == records[-1]["loss"]
+
+
+def test_reporting_integrations_see_the_efficiency_figures(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(next(trained.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/tokens_per_sec_per_gpu", "train/sec_per_step", "train/peak_mem_gib"} <= tags, tags
 
 
 def test_checkpoint_is_stock_layout_and_loads_without_our_code(trained, tmp_path):
