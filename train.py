@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 import transformers  # noqa: E402
 
 from monkey_patch import apply_patches  # noqa: E402
+from monkey_patch.errors import PatchError  # noqa: E402
 from sft.arguments import parse_arguments  # noqa: E402
 from sft.callbacks import EfficiencyCallback, add_efficiency_callback  # noqa: E402
 from sft.collate import PackedCollator, PaddedCollator, mean_causal_context, pack_examples  # noqa: E402
@@ -76,13 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     peak = patch_args.peak_tflops or detect_peak_tflops()
     add_efficiency_callback(trainer, EfficiencyCallback(flops_per_token(model.config, context), peak))
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
-    logger.info("saved the final model and tokenizer to %s", training_args.output_dir)
+    if model_args.save_final_model:
+        trainer.save_model(training_args.output_dir)
+        logger.info("saved the final model and tokenizer to %s", training_args.output_dir)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, FileNotFoundError) as error:  # bad input: the message says what to fix; bugs keep tracebacks
+    except (DataError, FileNotFoundError, PatchError) as error:  # bad input: the message says what to fix; bugs keep tracebacks
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

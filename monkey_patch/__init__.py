@@ -6,7 +6,7 @@ Order, and why:
   2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance;
   3. attention implementation: chosen for the batches the run makes (packed or padded);
   4. FP8 last: it converts the nn.Linear modules that remain after the swaps above.
-Every step is idempotent and logged; an unsupported combination raises an error that says how to fix it.
+Every step is idempotent and logged; an unsupported combination raises PatchError, whose message says how to fix it.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import logging
 
 import torch
 from transformers import PreTrainedModel
+
+from monkey_patch.errors import PatchError
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +27,18 @@ def resolve_moe_kernel(requested: str) -> str:
     if requested == "auto":
         return "scattermoe"
     if requested not in MOE_KERNELS:
-        raise ValueError(f"--moe_kernel {requested!r}: choose one of auto, {', '.join(MOE_KERNELS)}")
+        raise PatchError(f"--moe_kernel {requested!r}: choose one of auto, {', '.join(MOE_KERNELS)}")
     return requested
 
 
-def resolve_liger(requested: str) -> bool:
-    """Liger's kernels are Triton GPU kernels: `auto` means on where CUDA is available."""
-    if requested == "auto":
-        return torch.cuda.is_available()
-    if requested in ("true", "false"):
-        return requested == "true"
-    raise ValueError(f"--liger {requested!r}: choose auto, true or false")
+def resolve_liger(requested: str, device: torch.device) -> bool:
+    """Liger's kernels are Triton GPU kernels: `auto` means on where the model trains on CUDA."""
+    if requested not in ("auto", "true", "false"):
+        raise PatchError(f"--liger {requested!r}: choose auto, true or false")
+    if requested == "true" and device.type != "cuda":
+        raise PatchError(f"--liger true needs a CUDA GPU (Liger's kernels are Triton GPU kernels), this run is on "
+                         f"{device.type}: use --liger auto or false")
+    return device.type == "cuda" if requested == "auto" else requested == "true"
 
 
 def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
@@ -49,7 +52,10 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     from monkey_patch.packed_attention import choose_attention
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    applied = {"moe_kernel": resolve_moe_kernel(moe_kernel), "liger": resolve_liger(liger)}
+    applied = {"moe_kernel": resolve_moe_kernel(moe_kernel), "liger": resolve_liger(liger, device)}
+    if applied["moe_kernel"] == "liger" and device.type != "cuda":
+        raise PatchError("--moe_kernel liger needs a CUDA GPU (Liger's fused experts are Triton GPU kernels): "
+                         "use --moe_kernel auto, scattermoe, grouped_mm or eager here")
     if applied["moe_kernel"] == "scattermoe":
         import monkey_patch.scattermoe  # noqa: F401  registers the "scattermoe" experts implementation
     if applied["moe_kernel"] == "liger":

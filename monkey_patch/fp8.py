@@ -21,6 +21,8 @@ import re
 import torch
 from torch import nn
 
+from monkey_patch.errors import PatchError
+
 logger = logging.getLogger(__name__)
 
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
@@ -48,11 +50,11 @@ def fp8_module_names(model: nn.Module) -> list[str]:
 
 def check_fp8_device() -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError("--fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+        raise PatchError("--fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
                            "run without --fp8 here")
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
-        raise RuntimeError(f"--fp8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+        raise PatchError(f"--fp8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
                            f"{torch.cuda.get_device_name()} is sm_{major}{minor}: run without --fp8")
 
 
@@ -64,7 +66,7 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = Fals
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if recipe not in RECIPES:
-        raise ValueError(f"--fp8_recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        raise PatchError(f"--fp8_recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     if not emulate:
         check_fp8_device()
     config = Float8LinearConfig.from_recipe_name(recipe)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from monkey_patch.errors import PatchError
+
 logger = logging.getLogger(__name__)
 
 VARLEN_PACKED = "varlen_packed"
@@ -253,7 +255,7 @@ def choose_attention(requested: str, device: torch.device | str) -> str:
     cuda = torch.device(device).type == "cuda"
     has_flash_attn = importlib.util.find_spec("flash_attn") is not None
     if requested not in CHOICES:
-        raise ValueError(f"--attn_implementation {requested!r}: choose one of {', '.join(CHOICES)}")
+        raise PatchError(f"--attn_implementation {requested!r}: choose one of {', '.join(CHOICES)}")
     if requested == "auto":
         chosen = ("flash_attention_2" if cuda and has_flash_attn else VARLEN_PACKED if cuda and _varlen_attn()
                   else FLEX_PACKED if cuda else "sdpa")
@@ -268,7 +270,7 @@ def choose_attention(requested: str, device: torch.device | str) -> str:
             "torch.nn.attention.varlen: use --attn_implementation flex_packed",
         }.get(requested)
         if problem:
-            raise ValueError(problem)
+            raise PatchError(problem)
     note = " (on CPU: a per-document sdpa loop, a reference, not fast)" if chosen == VARLEN_PACKED and not cuda else ""
     logger.info("attention: --attn_implementation %s -> %s on %s, flash_attn %s, varlen_attn %s%s", requested, chosen,
                 torch.device(device), "installed" if has_flash_attn else "absent",

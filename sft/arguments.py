@@ -28,6 +28,8 @@ class ModelArguments:
         "help": "Presets only: override the number of decoder layers (e.g. 8 for a benchmark at real shapes)."})
     model_dtype: str = field(default="bfloat16", metadata={
         "help": "dtype of the loaded weights.", "choices": ["bfloat16", "float32"]})
+    save_final_model: bool = field(default=True, metadata={
+        "help": "Save the trained model and tokenizer to output_dir at the end (benchmarks turn it off)."})
     attn_implementation: str = field(default="auto", metadata={
         "help": "auto picks the fastest correct kernel for the batches (packed or not) and logs the choice; or one of "
                 "sdpa, eager, flash_attention_2, varlen_packed, flex_packed."})

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sft.data import DataError, load_conversations
 from tests.conftest import REPO_ROOT, write_jsonl
@@ -68,6 +69,13 @@ def test_skip_bad_rows_counts_what_it_skips(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"messages": "not a list"}, GOOD, {"messages": []}])
     loaded = load_conversations([str(path)], skip_bad_rows=True)
     assert (len(loaded.messages), loaded.skipped_rows) == (2, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cli_names_a_flag_this_machine_cannot_run(tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "--liger", "true", "--output_dir", str(tmp_path)],
+                         cwd=REPO_ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "error: --liger true needs a CUDA GPU" in run.stderr, run.stderr[-2000:]
 
 
 def test_cli_exits_non_zero_with_the_error_on_stderr(tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from monkey_patch.errors import PatchError
 from monkey_patch.fp8 import apply_fp8, check_fp8_device, fp8_module_names, should_convert
 from sft.model import load_model, preset_config
 
@@ -39,5 +40,5 @@ def test_emulated_conversion_trains_and_is_idempotent():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_clear_error_without_a_capable_gpu():
-    with pytest.raises(RuntimeError, match="compute capability 8.9 or newer"):
+    with pytest.raises(PatchError, match="compute capability 8.9 or newer"):
         check_fp8_device()

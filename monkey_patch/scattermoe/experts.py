@@ -7,7 +7,11 @@ Contract (transformers 5.17 integrations/moe.py, `grouped_mm_experts_forward`): 
 `experts_module.gate_up_proj [E, 2I, H]` (gate rows first, then up), `.down_proj [E, H, I]`, SiLU gating.
 CUDA tensors take the fused Triton path (ops.py); any other device takes a plain-torch path with the same math
 (sorted by expert, one matmul pair per expert), so CPU runs and tests exercise the wiring.
+`scattermoe_fp8` is the same with the forward and input-gradient GEMMs in FP8 e4m3 (ops.py docstring); it needs a
+GPU of compute capability 8.9+ and raises on older ones; off CUDA it runs the same plain-torch path (no FP8).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -53,4 +57,24 @@ def scattermoe_experts_forward(self: torch.nn.Module, hidden_states: torch.Tenso
     _check_supported(self)
     impl = scattermoe_experts if hidden_states.device.type == "cuda" else torch_experts
     out = impl(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
+    return out.to(hidden_states.dtype)
+
+
+@functools.cache
+def _check_fp8_capability(device_index: int) -> None:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if (major, minor) < (8, 9):
+        raise RuntimeError(f"experts_implementation='scattermoe_fp8' needs FP8 tensor cores (compute capability 8.9+: "
+                           f"Ada, Hopper, Blackwell); {torch.cuda.get_device_name(device_index)} is sm_{major}{minor}: "
+                           "use experts_implementation='scattermoe'")
+
+
+def scattermoe_fp8_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                   top_k_weights: torch.Tensor) -> torch.Tensor:
+    """As scattermoe_experts_forward, with e4m3 GEMMs for the forward and input gradients on CUDA."""
+    _check_supported(self)
+    if hidden_states.device.type != "cuda":
+        return scattermoe_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    _check_fp8_capability(hidden_states.device.index or 0)
+    out = scattermoe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights, fp8=True)
     return out.to(hidden_states.dtype)

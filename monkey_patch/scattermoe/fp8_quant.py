@@ -9,8 +9,8 @@ Scale rule (the kernel and `quantize_ref` below compute it with the same fp32 op
 Power-of-two scales (as torchao's rowwise recipe, `round_scales_to_power_of_2`) make x * inv and q * scale exact,
 so the only rounding is e4m3's own (3 mantissa bits, relative error <= 2^-4); the row max lands in (224, 448]
 rather than at 448, which costs no precision (e4m3 is floating point: relative spacing is the same in every binade)
-and at most one binade of headroom at the bottom. 448 is e4m3fn's largest finite value; the clamp only matters
-for inf inputs (torch's cast would give NaN).
+and at most one binade of headroom at the bottom. 448 is e4m3fn's largest finite value; the clamp guards the row max against the GPU's approximate fp32 division (448 / amax
+a few ulp high can select the next power of two). Non-finite rows give NaN: divergence is not hidden.
 
 Two layouts, one kernel:
   quantize_rows(x [.., D])        -> q [.., D] fp8, scale [..] fp32       (activations; weights in the forward)

@@ -11,6 +11,10 @@ Tiles never straddle two experts: each expert's rows are cut into ceil(count/BLO
 (expert, first row) map is recomputed in every program from the [E] counts (a cumsum over E <= a few hundred
 values), so BLOCK_M can be autotuned and nothing needs a host sync. The grid is launched for the upper bound
 ceil(S/BLOCK_M) + E tiles; programs past the last tile exit at once.
+
+FP8 (constexpr FP8 in the two row GEMMs): operands arrive as e4m3 with fp32 scales over the contraction dim
+(fp8_quant.py), one per A row and one per (expert, output column) of B, so the scales factor out of the sum and the
+epilogue multiplies acc by a_scale[:, None] * b_scale[None, :]. The weight gradients stay in the input dtype.
 """
 import triton
 import triton.testing
@@ -35,9 +39,9 @@ def _expert_tile(pid_m, counts_ptr, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _gather_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, aux_ptr,
+    a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, aux_ptr, a_scale_ptr, b_scale_ptr,
     S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, S_BUCKET,
-    E_P2: tl.constexpr, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    E_P2: tl.constexpr, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr, FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """A[tok[r]] @ B[e(r)] for expert-sorted rows r (scattered -> grouped), N = I, with a SwiGLU epilogue.
@@ -52,6 +56,8 @@ def _gather_matmul_kernel(
     The epilogue recomputes gate, up from h (h_ptr) and writes dH [S, 2I] (c_ptr) = SwiGLU backward of w * g,
     and the routing-weight gradient partials <g, silu(gate) * up> over this program's columns to
     aux_ptr [ceil(I / BLOCK_N), S] fp32 (one row per N-tile, summed by the caller: deterministic).
+    FP8: A and B hold e4m3 values scaled over D; acc is rescaled by a_scale[tok] (fp32 [T]) times
+    b_scale[e, col] (fp32 [E, 2I] forward, [E, I] backward) before the epilogue, which is unchanged.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -85,6 +91,12 @@ def _gather_matmul_kernel(
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PREC)
         a_ptrs += BLOCK_D
         b_ptrs += BLOCK_D * stride_bd
+    if FP8:
+        a_s = tl.load(a_scale_ptr + tok)[:, None]
+        b_s_ptrs = b_scale_ptr + expert.to(tl.int64) * (N if BACKWARD else 2 * N) + cols
+        acc = acc * (a_s * tl.load(b_s_ptrs, mask=cmask, other=0.0)[None, :])
+        if not BACKWARD:
+            acc_up = acc_up * (a_s * tl.load(b_s_ptrs + N, mask=cmask, other=0.0)[None, :])
     out_ty = c_ptr.dtype.element_ty
     mask2 = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
@@ -113,15 +125,16 @@ def _gather_matmul_kernel(
 
 @triton.jit
 def _scatter_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, slot_ptr, counts_ptr,
+    a_ptr, b_ptr, c_ptr, slot_ptr, counts_ptr, a_scale_ptr, b_scale_ptr,
     S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, stride_cm, S_BUCKET,
-    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
+    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr, FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """C[slot[r]] = A[r] @ B[e(r)] for expert-sorted rows r (grouped -> scattered).
 
     Forward down: A = aw [S, I], B[e][d, n] = down_proj[e, n, d]; C [S, H] in slot order, Y = C.view(T, K, H).sum(1).
     Backward dX: A = dH [S, 2I], B[e][d, n] = gate_up_proj[e, d, n]; C [S, H] in slot order, summed the same way.
+    FP8: A, B hold e4m3 values scaled over D; acc is rescaled by a_scale[r] (fp32 [S]) * b_scale[e, n] (fp32 [E, H]).
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -150,6 +163,9 @@ def _scatter_matmul_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_D
         b_ptrs += BLOCK_D * stride_bd
+    if FP8:
+        b_s = tl.load(b_scale_ptr + expert.to(tl.int64) * N + cols, mask=cmask, other=0.0)
+        acc = acc * (tl.load(a_scale_ptr + rows_safe)[:, None] * b_s[None, :])
     slot = tl.load(slot_ptr + rows, mask=rmask, other=0).to(tl.int64)
     c_ptrs = c_ptr + slot[:, None] * stride_cm + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -230,6 +246,11 @@ SWIGLU_BWD_CONFIGS = [_cfg(128, DW_BLOCK_N, 64, 8, 3), _cfg(64, DW_BLOCK_N, 64, 
 SCATTER_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)]
 WGRAD_CONFIGS = [_cfg(128, 128, 64, 8, 3, "BLOCK_R"), _cfg(128, 128, 64, 4, 4, "BLOCK_R"),
                  _cfg(128, 256, 64, 8, 3, "BLOCK_R")]
+# FP8 (e4m3) forward / input-gradient GEMMs: BLOCK_D 128 (FP8 wgmma takes K in steps of 32; the Triton fp8 matmul
+# tutorial's Hopper configs use BLOCK_K 128). Untuned first guesses: a GPU session should widen these lists.
+GATE_UP_FP8_CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 64, 128, 4, 4)]
+SWIGLU_BWD_FP8_CONFIGS = [_cfg(128, DW_BLOCK_N, 128, 8, 3), _cfg(64, DW_BLOCK_N, 128, 4, 4)]
+SCATTER_FP8_CONFIGS = [_cfg(128, 128, 128, 4, 4), _cfg(128, 256, 128, 8, 3)]
 FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": DW_BLOCK_N, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
 FP32_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2}
 
@@ -260,5 +281,8 @@ expert_wgrad = _expert_wgrad_kernel
 gate_up_tuned = _tuned(gather_matmul, GATE_UP_CONFIGS, ["N", "D", "S_BUCKET"])
 swiglu_bwd_tuned = _tuned(gather_matmul, SWIGLU_BWD_CONFIGS, ["N", "D", "S_BUCKET"])
 scatter_matmul_tuned = _tuned(scatter_matmul, SCATTER_CONFIGS, ["N", "D", "S_BUCKET"])
+gate_up_fp8_tuned = _tuned(gather_matmul, GATE_UP_FP8_CONFIGS, ["N", "D", "S_BUCKET"])
+swiglu_bwd_fp8_tuned = _tuned(gather_matmul, SWIGLU_BWD_FP8_CONFIGS, ["N", "D", "S_BUCKET"])
+scatter_matmul_fp8_tuned = _tuned(scatter_matmul, SCATTER_FP8_CONFIGS, ["N", "D", "S_BUCKET"])
 expert_wgrad_tuned = _tuned(expert_wgrad, WGRAD_CONFIGS, ["M", "N", "S_BUCKET", "A_GATHER", "B_GATHER"],
                             FP32_WGRAD_CONFIG)

@@ -13,6 +13,13 @@ Backward (4 GEMM launches):
   dX           = (dH @ gate_up[e] scattered to slots).view(T, K, H).sum(1)   (scatter_matmul)
 Saved for backward: h [S, 2I], aw [S, I] and the routing metadata (counts [E] int32, slot [S] int64), all
 computed from the inputs by a stable sort, so a gradient-checkpointing recompute reproduces them bit for bit.
+
+fp8=True: the four row GEMMs (gate_up, down, dY@down, dX) take e4m3 operands with fp32 scales over their
+contraction dim (fp8_quant.py): X, aw, dY, dH one scale per row; each weight one per (expert, output channel),
+quantised afresh in every forward/backward from the bf16 master (the backward's copies transposed, K-major).
+h, aw, dH, the outputs and all gradients keep the weights' dtype; the two weight gradients stay in that dtype
+too (their contraction runs over routed rows, where per-row scales do not factor out: torchao's
+rowwise_with_gw_hp makes the same choice). Nothing extra is saved for the backward.
 """
 import os
 
@@ -20,6 +27,7 @@ import torch
 import triton
 
 from . import kernels as kn
+from .fp8_quant import quantize_cols_t, quantize_rows
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Fixed configs when autotuning is off (SCATTERMOE_AUTOTUNE=0: GPU tests, where each new shape would retune) or
@@ -28,6 +36,9 @@ _FIXED_BF16 = {"BLOCK_M": 128, "BLOCK_N": kn.DW_BLOCK_N, "BLOCK_D": 64, "num_war
 _FIXED_BF16_WGRAD = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64, "num_warps": 8, "num_stages": 3}
 _FIXED_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}
 _FIXED_INTERPRET_WGRAD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_R": 16}
+# FP8 dots take K in steps of 32 on the GPU; the interpreter uses the same BLOCK_D so its tests cross the same masks.
+_FIXED_FP8 = {"BLOCK_M": 128, "BLOCK_N": kn.DW_BLOCK_N, "BLOCK_D": 128, "num_warps": 8, "num_stages": 3}
+_FIXED_INTERPRET_FP8 = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 32}
 
 
 def _autotune() -> bool:
@@ -35,6 +46,8 @@ def _autotune() -> bool:
 
 
 def _fixed(dtype: torch.dtype, wgrad: bool) -> dict:
+    if dtype.itemsize == 1:
+        return _FIXED_INTERPRET_FP8 if _INTERPRET else _FIXED_FP8
     if _INTERPRET:
         return _FIXED_INTERPRET_WGRAD if wgrad else _FIXED_INTERPRET
     if dtype == torch.float32:
@@ -44,6 +57,9 @@ def _fixed(dtype: torch.dtype, wgrad: bool) -> dict:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 dots follow torch's matmul TF32 switch, so an fp32 test with TF32 off compares exact-fp32 products.
+    # FP8 dots get Triton's default ("tf32"; the setting only affects fp32 operands), as in Triton's fp8 tutorial.
+    if dtype.itemsize == 1:
+        return "tf32"
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
@@ -61,44 +77,54 @@ def routing_metadata(top_k_index_TK: torch.Tensor, num_experts: int) -> tuple[to
     return counts_E, slot_S
 
 
-def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, w_S, h_S2I=None):
+def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, w_S, h_S2I=None, scales=None, out_dtype=None):
     """Forward (h_S2I None): a_TD = X, b_E = gate_up -> (h [S, 2I], aw [S, I]).
     Backward: a_TD = dY, b_E = down, h_S2I saved -> (dH [S, 2I], dw partials [ceil(I / BLOCK_N), S] fp32).
-    b_strides = (expert, d, n) strides of B viewed as [E, D, N] (N = I)."""
+    b_strides = (expert, d, n) strides of B viewed as [E, D, N] (N = I).
+    FP8: a_TD, b_E e4m3, scales = (a_scale [T] fp32, b_scale [E, 2I] forward / [E, I] backward fp32), and
+    out_dtype (h, aw, dH) the master dtype; otherwise the outputs take a_TD's dtype."""
     S, D, E = tok_S.numel(), a_TD.shape[1], counts_E.numel()
-    N = b_E.shape[1] // 2 if h_S2I is None else b_E.shape[2]
+    N = b_E.shape[1] // 2 if h_S2I is None else h_S2I.shape[1] // 2
     backward = h_S2I is not None
+    fp8 = scales is not None
     tuned = _autotune()
     meta = {} if tuned else dict(_fixed(a_TD.dtype, wgrad=False))
-    c = a_TD.new_empty(S, 2 * N)
+    out_dtype = out_dtype or a_TD.dtype
+    c = torch.empty(S, 2 * N, device=a_TD.device, dtype=out_dtype)
     block_n = kn.DW_BLOCK_N if tuned else meta["BLOCK_N"]
     aux = (torch.empty(triton.cdiv(N, block_n), S, device=c.device, dtype=torch.float32) if backward
-           else a_TD.new_empty(S, N))
-    kernel = (kn.swiglu_bwd_tuned if backward else kn.gate_up_tuned) if tuned else kn.gather_matmul
+           else torch.empty(S, N, device=c.device, dtype=out_dtype))
+    kernels = ((kn.swiglu_bwd_fp8_tuned, kn.gate_up_fp8_tuned) if fp8 else (kn.swiglu_bwd_tuned, kn.gate_up_tuned))
+    kernel = kernels[0 if backward else 1] if tuned else kn.gather_matmul
+    a_scale, b_scale = scales if fp8 else (w_S, w_S)  # unread placeholders when FP8 is off
 
     def grid(m):
         return ((triton.cdiv(S, m["BLOCK_M"]) + E) * triton.cdiv(N, m["BLOCK_N"]),)
 
-    kernel[grid](a_TD, b_E, c, tok_S, counts_E, c if h_S2I is None else h_S2I, w_S, aux,
+    kernel[grid](a_TD, b_E, c, tok_S, counts_E, c if h_S2I is None else h_S2I, w_S, aux, a_scale, b_scale,
                  S, E, N, D, a_TD.stride(0), *b_strides, triton.next_power_of_2(S),
-                 E_P2=triton.next_power_of_2(E), BACKWARD=backward, DOT_PREC=_dot_precision(a_TD.dtype), **meta)
+                 E_P2=triton.next_power_of_2(E), BACKWARD=backward, DOT_PREC=_dot_precision(a_TD.dtype), FP8=fp8,
+                 **meta)
     return c, aux
 
 
-def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N):
-    """C [S, N] in slot order: C[slot[r]] = A[r] @ B[e(r)]; b_strides as in _gather_matmul, D = A's width."""
+def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N, scales=None, out_dtype=None):
+    """C [S, N] in slot order: C[slot[r]] = A[r] @ B[e(r)]; b_strides as in _gather_matmul, D = A's width.
+    FP8: a_SD, b_E e4m3, scales = (a_scale [S] fp32 per sorted row, b_scale [E, N] fp32), C in out_dtype."""
     S, D, E = slot_S.numel(), a_SD.shape[1], counts_E.numel()
+    fp8 = scales is not None
     tuned = _autotune()
     meta = {} if tuned else dict(_fixed(a_SD.dtype, wgrad=False))
-    c = a_SD.new_empty(S, N)
-    kernel = kn.scatter_matmul_tuned if tuned else kn.scatter_matmul
+    c = torch.empty(S, N, device=a_SD.device, dtype=out_dtype or a_SD.dtype)
+    kernel = (kn.scatter_matmul_fp8_tuned if fp8 else kn.scatter_matmul_tuned) if tuned else kn.scatter_matmul
+    a_scale, b_scale = scales if fp8 else (c, c)  # unread placeholders when FP8 is off
 
     def grid(m):
         return ((triton.cdiv(S, m["BLOCK_M"]) + E) * triton.cdiv(N, m["BLOCK_N"]),)
 
-    kernel[grid](a_SD, b_E, c, slot_S, counts_E, S, E, N, D, a_SD.stride(0), *b_strides, c.stride(0),
-                 triton.next_power_of_2(S), E_P2=triton.next_power_of_2(E), DOT_PREC=_dot_precision(a_SD.dtype),
-                 **meta)
+    kernel[grid](a_SD, b_E, c, slot_S, counts_E, a_scale, b_scale, S, E, N, D, a_SD.stride(0), *b_strides,
+                 c.stride(0), triton.next_power_of_2(S), E_P2=triton.next_power_of_2(E),
+                 DOT_PREC=_dot_precision(a_SD.dtype), FP8=fp8, **meta)
     return c
 
 
@@ -124,15 +150,25 @@ def _expert_wgrad(a, b, out_EMN, counts_E, a_idx=None, b_idx=None):
 
 @torch.library.custom_op("scattermoe::experts_fwd", mutates_args=())
 def experts_fwd(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor,
-                top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
+                top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor, fp8: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Y [T, H], h [S, 2I], aw [S, I], counts [E] int32, slot [S] int64); x and both weights share one dtype."""
+    """(Y [T, H], h [S, 2I], aw [S, I], counts [E] int32, slot [S] int64); x and both weights share one dtype,
+    which h, aw and Y keep with fp8=True too (e4m3 GEMM operands only)."""
     T, H = x_TH.shape
     K = top_k_index_TK.shape[1]
     E, I2, _ = gate_up_E2IH.shape
     counts_E, slot_S = routing_metadata(top_k_index_TK, E)
     tok_S = torch.div(slot_S, K, rounding_mode="floor").to(torch.int32)
     w_S = top_k_weights_TK.reshape(-1)[slot_S].float()
+    if fp8:
+        # Scales over H (per token, per (expert, gate/up row)) and over I (per routed row, per (expert, h)).
+        (x_q, sx_T), (w1_q, s1_E2I) = quantize_rows(x_TH), quantize_rows(gate_up_E2IH)
+        h_S2I, aw_SI = _gather_matmul(x_q, w1_q, (w1_q.stride(0), 1, H), tok_S, counts_E, w_S,
+                                      scales=(sx_T, s1_E2I), out_dtype=x_TH.dtype)
+        (aw_q, saw_S), (w2_q, s2_EH) = quantize_rows(aw_SI), quantize_rows(down_EHI)
+        buf_SH = _scatter_matmul(aw_q, w2_q, (w2_q.stride(0), 1, I2 // 2), slot_S, counts_E, H,
+                                 scales=(saw_S, s2_EH), out_dtype=x_TH.dtype)
+        return buf_SH.view(T, K, H).sum(1), h_S2I, aw_SI, counts_E, slot_S
     # gate_up[e] is [2I, H]: B[e][d=h, n=j] = gate_up[e, j, h].
     h_S2I, aw_SI = _gather_matmul(x_TH, gate_up_E2IH, (gate_up_E2IH.stride(0), 1, H), tok_S, counts_E, w_S)
     # down[e] is [H, I]: B[e][d=i, n=h] = down[e, h, i].
@@ -141,7 +177,7 @@ def experts_fwd(x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.
 
 
 @experts_fwd.register_fake
-def _experts_fwd_fake(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weights_TK):
+def _experts_fwd_fake(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weights_TK, fp8=False):
     S, I2 = top_k_index_TK.numel(), gate_up_E2IH.shape[1]
     return (x_TH.new_empty(x_TH.shape), x_TH.new_empty(S, I2), x_TH.new_empty(S, I2 // 2),
             x_TH.new_empty(gate_up_E2IH.shape[0], dtype=torch.int32), x_TH.new_empty(S, dtype=torch.int64))
@@ -150,50 +186,68 @@ def _experts_fwd_fake(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weight
 @torch.library.custom_op("scattermoe::experts_bwd", mutates_args=())
 def experts_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor,
                 top_k_weights_TK: torch.Tensor, h_S2I: torch.Tensor, aw_SI: torch.Tensor, counts_E: torch.Tensor,
-                slot_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX [T, H], d gate_up [E, 2I, H], d down [E, H, I], d top_k_weights [T, K])."""
+                slot_S: torch.Tensor, fp8: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX [T, H], d gate_up [E, 2I, H], d down [E, H, I], d top_k_weights [T, K]); fp8 as in experts_fwd."""
     T, H = x_TH.shape
     K = top_k_weights_TK.shape[1]
     S = slot_S.numel()
     dy_TH = dy_TH.contiguous().to(x_TH.dtype)
     tok_S = torch.div(slot_S, K, rounding_mode="floor").to(torch.int32)
     w_S = top_k_weights_TK.reshape(-1)[slot_S].float()
-    # down[e] is [H, I]: B[e][d=h, n=i] = down[e, h, i].
-    dh_S2I, dw_partial = _gather_matmul(dy_TH, down_EHI, (down_EHI.stride(0), down_EHI.shape[2], 1), tok_S,
-                                        counts_E, w_S, h_S2I=h_S2I)
+    if fp8:
+        # down^T scaled over H per (expert, i), stored [E, I, H] so the contraction dim H stays contiguous.
+        (dy_q, sdy_T), (w2t_q, s2t_EI) = quantize_rows(dy_TH), quantize_cols_t(down_EHI)
+        dh_S2I, dw_partial = _gather_matmul(dy_q, w2t_q, (w2t_q.stride(0), 1, H), tok_S, counts_E, w_S,
+                                            h_S2I=h_S2I, scales=(sdy_T, s2t_EI), out_dtype=x_TH.dtype)
+    else:
+        # down[e] is [H, I]: B[e][d=h, n=i] = down[e, h, i].
+        dh_S2I, dw_partial = _gather_matmul(dy_TH, down_EHI, (down_EHI.stride(0), down_EHI.shape[2], 1), tok_S,
+                                            counts_E, w_S, h_S2I=h_S2I)
     dw_S = torch.empty(S, device=x_TH.device, dtype=torch.float32)
     dw_S[slot_S] = dw_partial.sum(0)
     d_down = _expert_wgrad(dy_TH, aw_SI, torch.empty_like(down_EHI), counts_E, a_idx=tok_S)
-    # gate_up[e] is [2I, H]: B[e][d=j, n=h] = gate_up[e, j, h].
-    dx_SH = _scatter_matmul(dh_S2I, gate_up_E2IH, (gate_up_E2IH.stride(0), H, 1), slot_S, counts_E, H)
+    if fp8:
+        # gate_up^T scaled over 2I per (expert, h), stored [E, H, 2I]; dH scaled per routed row.
+        (dh_q, sdh_S), (w1t_q, s1t_EH) = quantize_rows(dh_S2I), quantize_cols_t(gate_up_E2IH)
+        dx_SH = _scatter_matmul(dh_q, w1t_q, (w1t_q.stride(0), 1, w1t_q.shape[2]), slot_S, counts_E, H,
+                                scales=(sdh_S, s1t_EH), out_dtype=x_TH.dtype)
+    else:
+        # gate_up[e] is [2I, H]: B[e][d=j, n=h] = gate_up[e, j, h].
+        dx_SH = _scatter_matmul(dh_S2I, gate_up_E2IH, (gate_up_E2IH.stride(0), H, 1), slot_S, counts_E, H)
     d_gate_up = _expert_wgrad(dh_S2I, x_TH, torch.empty_like(gate_up_E2IH), counts_E, b_idx=tok_S)
     return (dx_SH.view(T, K, H).sum(1), d_gate_up, d_down, dw_S.view(T, K).to(top_k_weights_TK.dtype))
 
 
 @experts_bwd.register_fake
-def _experts_bwd_fake(dy_TH, x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, aw_SI, counts_E, slot_S):
+def _experts_bwd_fake(dy_TH, x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, aw_SI, counts_E, slot_S,
+                      fp8=False):
     return (torch.empty_like(x_TH), torch.empty_like(gate_up_E2IH), torch.empty_like(down_EHI),
             torch.empty_like(top_k_weights_TK))
 
 
 def _setup_context(ctx, inputs, output):
-    x_TH, gate_up_E2IH, down_EHI, _, top_k_weights_TK = inputs
+    x_TH, gate_up_E2IH, down_EHI, _, top_k_weights_TK, fp8 = inputs
     _, h_S2I, aw_SI, counts_E, slot_S = output
+    ctx.fp8 = fp8
     ctx.save_for_backward(x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, aw_SI, counts_E, slot_S)
 
 
 def _backward(ctx, dy_TH, _dh, _daw, _dcounts, _dslot):
-    dx, d_gate_up, d_down, d_weights = experts_bwd(dy_TH, *ctx.saved_tensors)
-    # One gradient per forward input: x, gate_up_proj, down_proj, top_k_index (integer: none), top_k_weights.
-    return dx, d_gate_up, d_down, None, d_weights
+    dx, d_gate_up, d_down, d_weights = experts_bwd(dy_TH, *ctx.saved_tensors, fp8=ctx.fp8)
+    # One gradient per forward input: x, gate_up_proj, down_proj, top_k_index (integer: none), top_k_weights,
+    # fp8 (a flag: none).
+    return dx, d_gate_up, d_down, None, d_weights, None
 
 
 experts_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def scattermoe_experts(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weights_TK) -> torch.Tensor:
+def scattermoe_experts(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weights_TK, fp8: bool = False
+                       ) -> torch.Tensor:
     """Y [T, H] of the routed SwiGLU experts; x is cast to the weights' dtype (as transformers' grouped_mm does
-    under autocast). top_k_index must lie in [0, E): no expert-parallel sentinels."""
+    under autocast). top_k_index must lie in [0, E): no expert-parallel sentinels. fp8=True runs the forward and
+    input-gradient GEMMs in e4m3 (see the module docstring; needs sm_89+ on a GPU)."""
     x_TH = x_TH.to(gate_up_E2IH.dtype).contiguous()
     return experts_fwd(x_TH, gate_up_E2IH.contiguous(), down_EHI.contiguous(), top_k_index_TK,
-                       top_k_weights_TK)[0]
+                       top_k_weights_TK, fp8)[0]

@@ -1,0 +1,33 @@
+"""The GPU benchmarks' drivers run end to end on the tiny preset on a CPU, so a GPU session never spends its time on a
+broken script. (Their numbers here mean nothing; the GPU runs are in bench/results/.)"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke runs; the GPU runs the real benchmarks")
+
+
+def run(*command, tmp_path):
+    done = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_train_step_bench(tmp_path):
+    out = run("bench/train_step.py", "--preset", "tiny", "--layers", "2", "--seq", "256", "--steps", "2",
+              "--stacks", "transformers", tmp_path=tmp_path)
+    assert "| transformers | " in out and "error" not in out
+    assert (tmp_path / "train_step.md").exists()
+
+
+def test_sft_run_bench(tmp_path):
+    out = run("bench/sft_run.py", "--gpus", "0", "--preset", "tiny", "--recipe", "config/recipes/tiny.yaml",
+              "--layers", "2", "--seq", "256", "--rows", "baseline,packed", "--steps", "4", "--backends", "fsdp",
+              tmp_path=tmp_path)
+    assert "| fsdp | baseline | " in out and "| fsdp | packed | " in out and "error" not in out
