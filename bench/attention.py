@@ -18,13 +18,15 @@ writes the markdown table to stdout and to $OUT/attention.md when $OUT is set.
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.environment import describe_environment  # noqa: E402
+
 HQ, HKV, D = 32, 4, 128
 
 
@@ -124,13 +126,9 @@ def main():
             rows.append(f"| {provider} | {ms:.2f} | {doc_flops / ms / 1e9:.0f} | {setup_ms:.2f} | {peak:.2f} | {diff:.3g} |")
         except Exception as e:  # one failing provider must not hide the others' numbers
             rows.append(f"| {provider} | failed: {type(e).__name__}: {str(e)[:120]} | | | | |")
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (smoke run, not a benchmark)"
-    import transformers, triton
     lines = [f"## Attention, one packed row of {args.seq} tokens, {len(lens)} documents "
              f"(max {max(lens)}, median {sorted(lens)[len(lens) // 2]}), {HQ} q / {HKV} kv heads, head_dim {D}, bf16",
-             "", f"`python bench/attention.py --seq {args.seq} --reps {args.reps}` on {gpu}; torch {torch.__version__}, "
-             f"transformers {transformers.__version__}, triton {triton.__version__}, git {sha or 'uncommitted'}", "",
+             "", f"`python bench/attention.py --seq {args.seq} --reps {args.reps}` on {describe_environment()}", "",
              "| provider | fwd+bwd ms | TFLOP/s (within documents) | setup ms / forward | peak GiB | max diff vs first |",
              "| --- | --- | --- | --- | --- | --- |", *rows,
              "", "sdpa_causal ignores document boundaries (its diff is expected); every other row must be ~1e-2 (bf16)."]

@@ -29,6 +29,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.environment import describe_environment  # noqa: E402
+
 WORDS = ("model data train token expert route layer batch shard gradient memory kernel tensor vector matrix "
          "attention sequence document packing optimizer schedule checkpoint resume metric speed loss").split()
 
@@ -114,7 +118,7 @@ def main() -> None:
         for row in rows:
             results.append(run(backend, row, args, data, workdir))
             print(json.dumps(results[-1]), flush=True)
-    report = (f"Command: python bench/sft_run.py {' '.join(sys.argv[1:])}\n\n{args.preset} with {args.layers} layers, "
+    report = (f"Command: python bench/sft_run.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n{args.preset} with {args.layers} layers, "
               f"sequence {args.seq}, micro-batch {args.micro_batch}, {max(1, args.gpus)} device(s), {args.steps} steps; "
               f"figures from train.py's efficiency_summary.json (first logging interval left out), MFU over "
               f"{args.peak_tflops} TFLOP/s.\n\n{table(results)}\n")

@@ -34,6 +34,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.environment import describe_environment  # noqa: E402
+
 STACKS = {  # name -> apply_patches arguments, and whether decoder layers are compiled
     "transformers": (dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"), False),
     "liger_experts": (dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"), False),
@@ -127,22 +129,6 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
             "patches": {k: v for k, v in applied.items() if k != "fp8"}}
 
 
-def versions() -> str:
-    import torch
-    import transformers
-    import triton
-    names = {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__}
-    from importlib.metadata import PackageNotFoundError, version
-    for package in ("liger-kernel", "torchao"):
-        try:
-            names[package] = version(package)
-        except PackageNotFoundError:
-            names[package] = "missing"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return f"{gpu}; " + ", ".join(f"{k} {v}" for k, v in names.items()) + f"; git {sha or 'unknown'}"
-
-
 def table(results: list[dict]) -> str:
     """Markdown table; the ratio column compares every stack with the fastest Liger stack of the same run."""
     done = [r for r in results if "error" not in r]
@@ -192,7 +178,7 @@ def main() -> None:
         found = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
         results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})
         print(json.dumps(results[-1]), flush=True)
-    report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{versions()}\n\n"
+    report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n"
               f"Qwen3-30B-A3B shapes, {args.layers} layers, packed rows of {args.seq} tokens x micro-batch "
               f"{args.micro_batch}, gradient checkpointing, AdamW; median of {args.steps} steps after 3 warm-up; "
               f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results)}\n")
