@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                        seed=training_args.seed, config_overrides=overrides)
     apply_patches(model, moe_kernel=patch_args.moe_kernel, liger=patch_args.liger,
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
-                  fp8_recipe=patch_args.fp8_recipe, device=training_args.device)
+                  fp8_recipe=patch_args.fp8_recipe, compile_layers=patch_args.compile_layers,
+                  device=training_args.device)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                          processing_class=tokenizer)

@@ -36,15 +36,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.environment import describe_environment  # noqa: E402
 
-STACKS = {  # name -> apply_patches arguments, and whether decoder layers are compiled
-    "transformers": (dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"), False),
-    "liger_experts": (dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"), False),
-    "liger_compiled": (dict(moe_kernel="grouped_mm", liger="true", attn_implementation="sdpa"), True),
-    "liger_flex_compiled": (dict(moe_kernel="grouped_mm", liger="true", attn_implementation="flex_attention"), True),
-    "liger_experts_compiled": (dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"), True),
-    "ours": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"), False),
-    "ours_compiled": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"), True),
-    "ours_fp8": (dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True), True),
+STACKS = {  # name -> apply_patches arguments
+    "transformers": dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"),
+    "liger_experts": dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"),
+    "liger_compiled": dict(moe_kernel="grouped_mm", liger="true", attn_implementation="sdpa", compile_layers="true"),
+    "liger_flex_compiled": dict(moe_kernel="grouped_mm", liger="true", attn_implementation="flex_attention",
+                                compile_layers="true"),
+    "liger_experts_compiled": dict(moe_kernel="liger", liger="true", attn_implementation="sdpa", compile_layers="true"),
+    "ours": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"),
+    "ours_compiled": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", compile_layers="true"),
+    "ours_fp8": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True),  # compiles too
 }
 
 
@@ -93,14 +94,11 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of this script on the tiny preset
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    patches, compiled = STACKS[stack]
+    patches = STACKS[stack]
     with torch.device(device):  # initialise on the GPU: a CPU init of billions of parameters takes minutes
         model = load_model(preset, dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
     applied = apply_patches(model, device=device, **patches)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if compiled:
-        for layer in model.model.layers:
-            layer.compile()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     warmup = 3

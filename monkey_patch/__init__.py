@@ -5,7 +5,9 @@ Order, and why:
      and shapes, so checkpoints, ZeRO-3 and FSDP see the same tensors);
   2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance;
   3. attention implementation: chosen for the batches the run makes (packed or padded);
-  4. FP8 last: it converts the nn.Linear modules that remain after the swaps above.
+  4. FP8: it converts the nn.Linear modules that remain after the swaps above;
+  5. torch.compile of each decoder layer last, so it traces the final modules (in place: FSDP still finds the
+     decoder-layer class to wrap).
 Every step is idempotent and logged; an unsupported combination raises PatchError, whose message says how to fix it.
 """
 from __future__ import annotations
@@ -41,9 +43,16 @@ def resolve_liger(requested: str, device: torch.device) -> bool:
     return device.type == "cuda" if requested == "auto" else requested == "true"
 
 
+def resolve_compile_layers(requested: str, fp8: bool) -> bool:
+    """`auto` compiles with FP8 only: torchao builds its fused FP8 casts with torch.compile (torchao issue #685)."""
+    if requested not in ("auto", "true", "false"):
+        raise PatchError(f"--compile_layers {requested!r}: choose auto, true or false")
+    return fp8 if requested == "auto" else requested == "true"
+
+
 def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
                   attn_implementation: str = "auto", fp8: bool = False, fp8_recipe: str = "tensorwise",
-                  device: torch.device | str | None = None) -> dict:
+                  compile_layers: str = "auto", device: torch.device | str | None = None) -> dict:
     """Apply the patches to `model` in place; returns what was chosen, for the log.
 
     `device` is where the model will train (the Trainer moves it there later); default: CUDA if available.
@@ -70,5 +79,9 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     if fp8:
         from monkey_patch.fp8 import apply_fp8
         applied["fp8"] = apply_fp8(model, recipe=fp8_recipe)
+    applied["compile_layers"] = resolve_compile_layers(compile_layers, fp8)
+    if applied["compile_layers"]:
+        for layer in model.model.layers:
+            layer.compile()  # idempotent: compiling again replaces the compiled call of the same module
     logger.info("patches applied: %s", applied)
     return applied

@@ -70,6 +70,9 @@ class PatchArguments:
     fp8_recipe: str = field(default="tensorwise", metadata={
         "help": "torchao float8 scaling for the dense linears.",
         "choices": ["tensorwise", "rowwise", "rowwise_with_gw_hp"]})
+    compile_layers: str = field(default="auto", metadata={
+        "help": "torch.compile each decoder layer; auto: with --fp8 only (torchao builds its fused casts with it).",
+        "choices": ["auto", "true", "false"]})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak dense bf16 TFLOP/s of one device, for MFU; detected from the GPU name when not given."})
 

@@ -15,6 +15,10 @@ ceil(S/BLOCK_M) + E tiles; programs past the last tile exit at once.
 FP8 (constexpr FP8 in the two row GEMMs): operands arrive as e4m3 with fp32 scales over the contraction dim
 (fp8_quant.py), one per A row and one per (expert, output column) of B, so the scales factor out of the sum and the
 epilogue multiplies acc by a_scale[:, None] * b_scale[None, :]. The weight gradients stay in the input dtype.
+FP8_PROMOTE: on sm_90 Triton lets FP8 tensor-core dots accumulate in Hopper's reduced-precision accumulator over
+the whole K loop (max_num_imprecise_acc defaults to 2^30 there: triton/backends/nvidia/compiler.py); with it set,
+each K-tile's partial sum is added into the fp32 accumulator (max_num_imprecise_acc = BLOCK_D), as DeepSeek-V3's
+FP8 GEMMs promote every 128 and torch._scaled_mm does with use_fast_accum=False.
 """
 import triton
 import triton.testing
@@ -42,6 +46,7 @@ def _gather_matmul_kernel(
     a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, aux_ptr, a_scale_ptr, b_scale_ptr,
     S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, S_BUCKET,
     E_P2: tl.constexpr, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr, FP8: tl.constexpr,
+    FP8_PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """A[tok[r]] @ B[e(r)] for expert-sorted rows r (scattered -> grouped), N = I, with a SwiGLU epilogue.
@@ -85,10 +90,12 @@ def _gather_matmul_kernel(
         else:
             a = tl.load(a_ptrs, mask=offs_d[None, :] < D - d0, other=0.0)
             bmask = (offs_d[:, None] < D - d0) & cmask[None, :]
-        acc = tl.dot(a, tl.load(b_ptrs, mask=bmask, other=0.0), acc, input_precision=DOT_PREC)
+        acc = tl.dot(a, tl.load(b_ptrs, mask=bmask, other=0.0), acc, input_precision=DOT_PREC,
+                     max_num_imprecise_acc=BLOCK_D if FP8_PROMOTE else None)
         if not BACKWARD:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=bmask, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PREC)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PREC,
+                            max_num_imprecise_acc=BLOCK_D if FP8_PROMOTE else None)
         a_ptrs += BLOCK_D
         b_ptrs += BLOCK_D * stride_bd
     if FP8:
@@ -127,7 +134,7 @@ def _gather_matmul_kernel(
 def _scatter_matmul_kernel(
     a_ptr, b_ptr, c_ptr, slot_ptr, counts_ptr, a_scale_ptr, b_scale_ptr,
     S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, stride_cm, S_BUCKET,
-    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr, FP8: tl.constexpr,
+    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr, FP8: tl.constexpr, FP8_PROMOTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """C[slot[r]] = A[r] @ B[e(r)] for expert-sorted rows r (grouped -> scattered).
@@ -160,7 +167,7 @@ def _scatter_matmul_kernel(
         else:
             a = tl.load(a_ptrs, mask=offs_d[None, :] < D - d0, other=0.0)
             b = tl.load(b_ptrs, mask=(offs_d[:, None] < D - d0) & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, max_num_imprecise_acc=BLOCK_D if FP8_PROMOTE else None)
         a_ptrs += BLOCK_D
         b_ptrs += BLOCK_D * stride_bd
     if FP8:

@@ -41,6 +41,14 @@ _FIXED_FP8 = {"BLOCK_M": 128, "BLOCK_N": kn.DW_BLOCK_N, "BLOCK_D": 128, "num_war
 _FIXED_INTERPRET_FP8 = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 32}
 
 
+# Which FP8 GEMMs promote partial sums to fp32 every K-tile (kernels.py, FP8_PROMOTE): torchao's default float8
+# recipes use fast accumulation for the forward output and precise accumulation for input gradients; same here.
+# SCATTERMOE_FP8_PROMOTE=all|none|bwd overrides (read per call: for tests and the GPU session's A/B timing).
+def _fp8_promote(backward: bool) -> bool:
+    mode = os.environ.get("SCATTERMOE_FP8_PROMOTE", "bwd")
+    return mode == "all" or (mode == "bwd" and backward)
+
+
 def _autotune() -> bool:
     return not _INTERPRET and os.environ.get("SCATTERMOE_AUTOTUNE", "1") != "0"
 
@@ -104,13 +112,14 @@ def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, w_S, h_S2I=None, scale
     kernel[grid](a_TD, b_E, c, tok_S, counts_E, c if h_S2I is None else h_S2I, w_S, aux, a_scale, b_scale,
                  S, E, N, D, a_TD.stride(0), *b_strides, triton.next_power_of_2(S),
                  E_P2=triton.next_power_of_2(E), BACKWARD=backward, DOT_PREC=_dot_precision(a_TD.dtype), FP8=fp8,
-                 **meta)
+                 FP8_PROMOTE=fp8 and _fp8_promote(backward), **meta)
     return c, aux
 
 
-def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N, scales=None, out_dtype=None):
+def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N, scales=None, out_dtype=None, backward=False):
     """C [S, N] in slot order: C[slot[r]] = A[r] @ B[e(r)]; b_strides as in _gather_matmul, D = A's width.
-    FP8: a_SD, b_E e4m3, scales = (a_scale [S] fp32 per sorted row, b_scale [E, N] fp32), C in out_dtype."""
+    FP8: a_SD, b_E e4m3, scales = (a_scale [S] fp32 per sorted row, b_scale [E, N] fp32), C in out_dtype;
+    backward marks the dX GEMM (it picks the FP8 accumulation mode, _fp8_promote)."""
     S, D, E = slot_S.numel(), a_SD.shape[1], counts_E.numel()
     fp8 = scales is not None
     tuned = _autotune()
@@ -124,7 +133,7 @@ def _scatter_matmul(a_SD, b_E, b_strides, slot_S, counts_E, N, scales=None, out_
 
     kernel[grid](a_SD, b_E, c, slot_S, counts_E, a_scale, b_scale, S, E, N, D, a_SD.stride(0), *b_strides,
                  c.stride(0), triton.next_power_of_2(S), E_P2=triton.next_power_of_2(E),
-                 DOT_PREC=_dot_precision(a_SD.dtype), FP8=fp8, **meta)
+                 DOT_PREC=_dot_precision(a_SD.dtype), FP8=fp8, FP8_PROMOTE=fp8 and _fp8_promote(backward), **meta)
     return c
 
 
@@ -211,7 +220,7 @@ def experts_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_E2IH: torch.Ten
         # gate_up^T scaled over 2I per (expert, h), stored [E, H, 2I]; dH scaled per routed row.
         (dh_q, sdh_S), (w1t_q, s1t_EH) = quantize_rows(dh_S2I), quantize_cols_t(gate_up_E2IH)
         dx_SH = _scatter_matmul(dh_q, w1t_q, (w1t_q.stride(0), 1, w1t_q.shape[2]), slot_S, counts_E, H,
-                                scales=(sdh_S, s1t_EH), out_dtype=x_TH.dtype)
+                                scales=(sdh_S, s1t_EH), out_dtype=x_TH.dtype, backward=True)
     else:
         # gate_up[e] is [2I, H]: B[e][d=j, n=h] = gate_up[e, j, h].
         dx_SH = _scatter_matmul(dh_S2I, gate_up_E2IH, (gate_up_E2IH.stride(0), H, 1), slot_S, counts_E, H)
