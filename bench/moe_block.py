@@ -1,14 +1,16 @@
 """MoE experts block at Qwen3-30B-A3B shapes: forward, backward, fwd+bwd time and peak memory, per provider.
 
 Shape legend: T tokens, K top_k, E experts, H hidden, I moe intermediate, S = T*K routed rows.
-Providers, all timed in this one process: scattermoe (ours), grouped_mm (transformers 5 default), liger
-(LigerExperts), eager (transformers loop; only up to --eager-max tokens). Each provider is built by one
-`setup(provider, shape)` factory on the same random bf16 weights and the same routing (balanced: K distinct
-uniform experts per token; skewed: Zipf rank^-1.0 probabilities, ranks randomly permuted, the hottest expert
-then gets ~0.8*T rows against T*K/E on average). Timing: CUDA events, warm-up, median of --reps.
-FLOPs: 3 x 2 x T x K x 3 x H x I for fwd+bwd (1/3 forward, 2/3 backward).
+Providers, all timed in this one process: scattermoe (ours), scattermoe_fp8 (ours with the forward and
+input-gradient GEMMs in FP8 e4m3, weight gradients bf16; target >= 1.4x scattermoe fwd+bwd at 32K tokens, issue 5),
+grouped_mm (transformers 5 default), liger (LigerExperts), eager (transformers loop; only up to --eager-max tokens).
+Each provider is built by one `setup(provider, shape)` factory on the same random bf16 weights and the same
+routing (balanced: K distinct uniform experts per token; skewed: Zipf rank^-1.0 probabilities, ranks randomly
+permuted, the hottest expert then gets ~0.8*T rows against T*K/E on average). Timing: CUDA events, warm-up,
+median of --reps. FLOPs: 3 x 2 x T x K x 3 x H x I for fwd+bwd (1/3 forward, 2/3 backward).
 
   python bench/moe_block.py [--tokens 4096 8192 16384 32768 65536] [--breakdown 32768]
+(--breakdown also lists the FP8 kernels and quantisation passes when scattermoe_fp8 is among --providers)
 writes the markdown table to stdout and to $OUT/moe_block.md when $OUT is set.
 """
 import argparse
@@ -103,7 +105,32 @@ def time_provider(provider, tokens, skew, reps, warmup=3):
     return {"fwd": fwd, "bwd": bwd, "tot": tot, "peak": peak / 2**30, "peak_extra": (peak - base) / 2**30}
 
 
-def breakdown(tokens, skew, reps=20):
+def fp8_parts(x, w1, w2, aw, dy, dh, tok, ws, counts, slot, h):
+    """The FP8 path's kernels (name -> (fn, FLOPs)), with operands quantised once up front (ops.py, fp8=True)."""
+    from monkey_patch.scattermoe import ops
+    from monkey_patch.scattermoe.fp8_quant import quantize_cols_t, quantize_rows
+    S, bf = slot.numel(), x.dtype
+    gemm = 2 * S * H * 2 * I
+    (xq, sx), (w1q, s1), (awq, saw), (w2q, s2) = map(quantize_rows, (x, w1, aw, w2))
+    (dyq, sdy), (dhq, sdh), (w2t, s2t), (w1t, s1t) = (quantize_rows(dy), quantize_rows(dh), quantize_cols_t(w2),
+                                                      quantize_cols_t(w1))
+    return {
+        "fp8 quantise X / gate_up / aw / down": (lambda: [quantize_rows(t) for t in (x, w1, aw, w2)], 0),
+        "fp8 fwd gate_up GEMM + SwiGLU epilogue": (lambda: ops._gather_matmul(
+            xq, w1q, (w1q.stride(0), 1, H), tok, counts, ws, scales=(sx, s1), out_dtype=bf), gemm),
+        "fp8 fwd down GEMM (scatter)": (lambda: ops._scatter_matmul(
+            awq, w2q, (w2q.stride(0), 1, I), slot, counts, H, scales=(saw, s2), out_dtype=bf), gemm // 2),
+        "fp8 quantise dY / dH / down^T / gate_up^T": (
+            lambda: (quantize_rows(dy), quantize_rows(dh), quantize_cols_t(w2), quantize_cols_t(w1)), 0),
+        "fp8 bwd dY@down + SwiGLU bwd + dw": (lambda: ops._gather_matmul(
+            dyq, w2t, (w2t.stride(0), 1, H), tok, counts, ws, h_S2I=h, scales=(sdy, s2t), out_dtype=bf), gemm // 2),
+        "fp8 bwd dX GEMM (scatter)": (lambda: ops._scatter_matmul(
+            dhq, w1t, (w1t.stride(0), 1, 2 * I), slot, counts, H, scales=(sdh, s1t), out_dtype=bf, backward=True),
+            gemm),
+    }
+
+
+def breakdown(tokens, skew, reps=20, fp8=False):
     """Each scattermoe kernel timed alone (events, median) with its FLOPs: where the fwd+bwd time goes."""
     from monkey_patch.scattermoe import ops
     x, w1, w2, idx, w = make_problem(tokens, skew)
@@ -129,6 +156,8 @@ def breakdown(tokens, skew, reps=20):
         "bwd dX GEMM (scatter)": (lambda: ops._scatter_matmul(dh, w1, (w1.stride(0), H, 1), slot, counts, H), gemm),
         "bwd d gate_up (wgrad)": (lambda: ops._expert_wgrad(dh, x, torch.empty_like(w1), counts, b_idx=tok), gemm),
     }
+    if fp8:
+        parts.update(fp8_parts(x, w1, w2, aw, dy, dh, tok, ws, counts, slot, h))
     rows = []
     for name, (fn, flops) in parts.items():
         fn()
@@ -146,7 +175,7 @@ def breakdown(tokens, skew, reps=20):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
-    ap.add_argument("--providers", nargs="+", default=["scattermoe", "grouped_mm", "liger", "eager"])
+    ap.add_argument("--providers", nargs="+", default=["scattermoe", "scattermoe_fp8", "grouped_mm", "liger", "eager"])
     ap.add_argument("--routing", nargs="+", default=["balanced", "skewed"])
     ap.add_argument("--eager-max", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=10)
@@ -160,12 +189,14 @@ def main():
              f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
              f"transformers {transformers.__version__}, liger-kernel {importlib.metadata.version('liger-kernel')} "
              f"(LIGER_FUSED_MOE_AUTOTUNE={os.environ['LIGER_FUSED_MOE_AUTOTUNE']}), "
-             f"SCATTERMOE_AUTOTUNE={os.environ.get('SCATTERMOE_AUTOTUNE', '1')}; "
+             f"SCATTERMOE_AUTOTUNE={os.environ.get('SCATTERMOE_AUTOTUNE', '1')}, "
+             f"SCATTERMOE_FP8_PROMOTE={os.environ.get('SCATTERMOE_FP8_PROMOTE', 'bwd')}; "
              f"git {sha or 'n/a'} (+ working tree)",
              f"shapes: H={H} I={I} E={E} K={K}, bf16; median of {args.reps} after 3 warm-ups; "
              "peak = max_memory_allocated over one fwd+bwd (params, inputs, grads included)", "",
-             "| routing | tokens | provider | fwd ms | bwd ms | fwd+bwd ms | TFLOP/s | vs grouped_mm | vs liger | peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| routing | tokens | provider | fwd ms | bwd ms | fwd+bwd ms | TFLOP/s | vs grouped_mm | vs liger | "
+             "vs scattermoe | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
     for routing in args.routing:
         skew = 0.0 if routing == "balanced" else 1.0
@@ -182,14 +213,16 @@ def main():
             for p, r in res.items():
                 ratio = lambda q: f"{res[q]['tot'] / r['tot']:.2f}x" if q in res else "-"  # noqa: E731
                 line = (f"| {routing} | {tokens} | {p} | {r['fwd']:.2f} | {r['bwd']:.2f} | {r['tot']:.2f} | "
-                        f"{flops / r['tot'] / 1e9:.0f} | {ratio('grouped_mm')} | {ratio('liger')} | {r['peak']:.2f} |")
+                        f"{flops / r['tot'] / 1e9:.0f} | {ratio('grouped_mm')} | {ratio('liger')} | "
+                        f"{ratio('scattermoe')} | {r['peak']:.2f} |")
                 lines.append(line)
                 print(line, flush=True)
     for tokens in args.breakdown:
         for routing, skew in (("balanced", 0.0), ("skewed", 1.0)):
             part = ["", f"scattermoe kernels alone, {tokens} tokens, {routing}:", "", "| kernel | ms | TFLOP/s |",
                     "| --- | --- | --- |"]
-            part += [f"| {n} | {ms:.3f} | {tf:.0f} |" for n, ms, tf in breakdown(tokens, skew)]
+            rows = breakdown(tokens, skew, fp8="scattermoe_fp8" in args.providers)
+            part += [f"| {n} | {ms:.3f} | {tf:.0f} |" for n, ms, tf in rows]
             print("\n".join(part), flush=True)
             lines += part
     if os.environ.get("OUT"):

@@ -75,6 +75,7 @@ def scattermoe_fp8_experts_forward(self: torch.nn.Module, hidden_states: torch.T
     _check_supported(self)
     if hidden_states.device.type != "cuda":
         return scattermoe_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    _check_fp8_capability(hidden_states.device.index or 0)
+    if not torch.compiler.is_compiling():  # keep the traced graph free of the host-side query (apply_fp8 checks too)
+        _check_fp8_capability(hidden_states.device.index or 0)
     out = scattermoe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights, fp8=True)
     return out.to(hidden_states.dtype)

@@ -2,15 +2,18 @@
 
 Shape legend: G groups (experts, or 1), M rows that each get a scale, D the contraction dim scaled over.
 
-Scale rule (the kernel and `quantize_ref` below compute it with the same fp32 operations, so they agree bit for bit):
+Scale rule (the kernel and `quantize_ref` below agree bit for bit under the interpreter; on the GPU Triton's fp32
+division is approximate, which rounding inv down to a power of two absorbs unless 448 / amax lies within a few ulp
+of a power of two):
   amax = max |x| over D (clamped to >= 1e-12, so an all-zero row gets finite scales and quantises to zeros)
   inv  = 448 / amax rounded DOWN to a power of two (exponent bits kept, mantissa cleared)
   q    = clamp(x * inv, -448, 448) in e4m3;  scale = 1 / inv  (dequantised value = q * scale, exact)
 Power-of-two scales (as torchao's rowwise recipe, `round_scales_to_power_of_2`) make x * inv and q * scale exact,
 so the only rounding is e4m3's own (3 mantissa bits, relative error <= 2^-4); the row max lands in (224, 448]
 rather than at 448, which costs no precision (e4m3 is floating point: relative spacing is the same in every binade)
-and at most one binade of headroom at the bottom. 448 is e4m3fn's largest finite value; the clamp guards the row max against the GPU's approximate fp32 division (448 / amax
-a few ulp high can select the next power of two). Non-finite rows give NaN: divergence is not hidden.
+and at most one binade of headroom at the bottom. 448 is e4m3fn's largest finite value; the clamp guards the row
+max against that approximate division (a few ulp high can select the next power of two). Non-finite rows give NaN:
+divergence is not hidden.
 
 Two layouts, one kernel:
   quantize_rows(x [.., D])        -> q [.., D] fp8, scale [..] fp32       (activations; weights in the forward)
@@ -42,28 +45,49 @@ def _round_e4m3(q):
 
 
 @triton.jit
+def _inv_scale(amax):
+    """448 / amax rounded down to a power of two (exponent bits kept); amax clamped so zero rows stay finite."""
+    inv = 448.0 / tl.maximum(amax, 1e-12)
+    return (inv.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_tile(x, inv, q_ty: tl.constexpr):
+    return _round_e4m3(tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0)).to(q_ty)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, D, stride_xg, stride_xm, stride_xd, stride_qg, stride_qm,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows m of group g: q[g, m, :] (contiguous in d) and s[g * M + m] from x[g, m, :] (any strides)."""
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
+    """Rows m of group g: q[g, m, :] (contiguous in d) and s[g * M + m] from x[g, m, :] (any strides).
+    ONE_TILE (BLOCK_D >= D): the row is read once and kept in registers; otherwise two passes over D (amax, then
+    quantise), the second mostly from L2."""
     pid_m = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mmask = offs_m < M
     x_rows = x_ptr + g * stride_xg + offs_m[:, None] * stride_xm
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mmask[:, None] & (offs_d[None, :] < D), other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
-    inv = 448.0 / tl.maximum(amax, 1e-12)
-    inv = (inv.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
     q_rows = q_ptr + g * stride_qg + offs_m[:, None] * stride_qm
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+    q_ty = q_ptr.dtype.element_ty
+    if ONE_TILE:
+        offs_d = tl.arange(0, BLOCK_D)
         mask = mmask[:, None] & (offs_d[None, :] < D)
         x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        q = _round_e4m3(tl.minimum(tl.maximum(x * inv[:, None], -448.0), 448.0))
-        tl.store(q_rows + offs_d[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        inv = _inv_scale(tl.max(tl.abs(x), 1))
+        tl.store(q_rows + offs_d[None, :], _quantize_tile(x, inv, q_ty), mask=mask)
+    else:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask = mmask[:, None] & (offs_d[None, :] < D)
+            x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), 1))
+        inv = _inv_scale(amax)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask = mmask[:, None] & (offs_d[None, :] < D)
+            x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_rows + offs_d[None, :], _quantize_tile(x, inv, q_ty), mask=mask)
     tl.store(s_ptr + g * M + offs_m, 1.0 / inv, mask=mmask)
 
 
@@ -71,12 +95,18 @@ def _launch(x, G, M, D, x_strides, out_dtype):
     q = torch.empty(G, M, D, device=x.device, dtype=out_dtype)
     s = torch.empty(G, M, device=x.device, dtype=torch.float32)
     if q.numel():
-        # Untuned first guess: contiguous rows read 8 x 512 tiles; transposed reads (unit m-stride) 64 x 64 tiles
-        # so both the loads (along m) and the stores (along d) stay coalesced.
-        bm, bd = (8, 512) if x_strides[2] == 1 else (64, 64)
-        bm, bd = min(bm, triton.next_power_of_2(M)), min(bd, triton.next_power_of_2(D))
+        # Untuned first guesses. Contiguous rows up to 4096 wide (every row here: H, I, 2I) in one tile of ~4096
+        # elements per program, read once; longer rows in 8 x 512 tiles, two passes. Transposed reads (unit
+        # m-stride): 64 x 64 tiles, two passes, so the loads (along m) and the stores (along d) stay coalesced.
+        d_p2 = triton.next_power_of_2(D)
+        one_tile = x_strides[2] == 1 and d_p2 <= 4096
+        if one_tile:
+            bm, bd = max(1, 4096 // d_p2), d_p2
+        else:
+            bm, bd = (8, 512) if x_strides[2] == 1 else (64, 64)
+        bm, bd = min(bm, triton.next_power_of_2(M)), min(bd, d_p2)
         _quantize_kernel[(triton.cdiv(M, bm), G)](x, q, s, M, D, *x_strides, q.stride(0), q.stride(1),
-                                                  BLOCK_M=bm, BLOCK_D=bd, num_warps=4)
+                                                  BLOCK_M=bm, BLOCK_D=bd, ONE_TILE=one_tile, num_warps=4)
     return q, s
 
 

@@ -253,11 +253,15 @@ SWIGLU_BWD_CONFIGS = [_cfg(128, DW_BLOCK_N, 64, 8, 3), _cfg(64, DW_BLOCK_N, 64, 
 SCATTER_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)]
 WGRAD_CONFIGS = [_cfg(128, 128, 64, 8, 3, "BLOCK_R"), _cfg(128, 128, 64, 4, 4, "BLOCK_R"),
                  _cfg(128, 256, 64, 8, 3, "BLOCK_R")]
-# FP8 (e4m3) forward / input-gradient GEMMs: BLOCK_D 128 (FP8 wgmma takes K in steps of 32; the Triton fp8 matmul
-# tutorial's Hopper configs use BLOCK_K 128). Untuned first guesses: a GPU session should widen these lists.
-GATE_UP_FP8_CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 64, 128, 4, 4)]
-SWIGLU_BWD_FP8_CONFIGS = [_cfg(128, DW_BLOCK_N, 128, 8, 3), _cfg(64, DW_BLOCK_N, 128, 4, 4)]
-SCATTER_FP8_CONFIGS = [_cfg(128, 128, 128, 4, 4), _cfg(128, 256, 128, 8, 3)]
+# FP8 (e4m3) forward / input-gradient GEMMs: FP8 wgmma takes K in steps of 32. BLOCK_D 128 is what the Triton fp8
+# matmul tutorial uses on Hopper; 64 is also listed because compiled ahead of time for sm_90 on a CPU (triton 3.9,
+# ptxas -v, 2026-11-28) BLOCK_D 128 doubled the spill stores of the gather/scatter GEMMs (their [BLOCK_M, BLOCK_D]
+# tensors of gathered row pointers). Every variant lowered to warp_group_dot on f8E4M3FN (no mma_v2 fallback).
+# Untuned first guesses: the first GPU session should look at which wins and prune.
+GATE_UP_FP8_CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)]
+SWIGLU_BWD_FP8_CONFIGS = [_cfg(128, DW_BLOCK_N, 128, 8, 3), _cfg(128, DW_BLOCK_N, 64, 8, 3),
+                          _cfg(64, DW_BLOCK_N, 64, 4, 4)]
+SCATTER_FP8_CONFIGS = [_cfg(128, 128, 128, 4, 4), _cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)]
 FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": DW_BLOCK_N, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
 FP32_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2}
 
