@@ -15,7 +15,6 @@ writes the markdown table to stdout and to $OUT/moe_block.md when $OUT is set.
 """
 import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -25,6 +24,9 @@ import torch
 # documented switch pins one config per kernel; the header of every table says which mode ran.
 os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.environment import describe_environment  # noqa: E402
+
 H, I, E, K = 2048, 768, 128, 8
 _WEIGHTS = {}
 
@@ -181,17 +183,11 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--breakdown", type=int, nargs="*", default=[])
     args = ap.parse_args()
-    import importlib.metadata
     import time
-    import transformers, triton  # noqa: E401
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [f"command: `python {' '.join(sys.argv)}`",
-             f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
-             f"transformers {transformers.__version__}, liger-kernel {importlib.metadata.version('liger-kernel')} "
-             f"(LIGER_FUSED_MOE_AUTOTUNE={os.environ['LIGER_FUSED_MOE_AUTOTUNE']}), "
+             f"{describe_environment()}; LIGER_FUSED_MOE_AUTOTUNE={os.environ['LIGER_FUSED_MOE_AUTOTUNE']}, "
              f"SCATTERMOE_AUTOTUNE={os.environ.get('SCATTERMOE_AUTOTUNE', '1')}, "
-             f"SCATTERMOE_FP8_PROMOTE={os.environ.get('SCATTERMOE_FP8_PROMOTE', 'bwd')}; "
-             f"git {sha or 'n/a'} (+ working tree)",
+             f"SCATTERMOE_FP8_PROMOTE={os.environ.get('SCATTERMOE_FP8_PROMOTE', 'bwd')}",
              f"shapes: H={H} I={I} E={E} K={K}, bf16; median of {args.reps} after 3 warm-ups; "
              "peak = max_memory_allocated over one fwd+bwd (params, inputs, grads included)", "",
              "| routing | tokens | provider | fwd ms | bwd ms | fwd+bwd ms | TFLOP/s | vs grouped_mm | vs liger | "
