@@ -13,6 +13,8 @@ import logging
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from transformers import PreTrainedTokenizerBase
 
 from sft.data import DataError
@@ -45,15 +47,15 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], assistant_o
         return {"input_ids": input_ids, "labels": list(input_ids)}
     spans = assistant_spans(text, header, end_of_turn)
     if not spans:
-        raise ValueError(f"the chat template's output has no {header!r} ... {end_of_turn!r} turn; for a tokenizer "
-                         "with other chat markers pass assistant_only_loss=False")
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span = 0
-    for i, (start, end) in enumerate(encoded["offset_mapping"]):
-        while span < len(spans) and spans[span][1] <= start:
-            span += 1
-        if span < len(spans) and start < spans[span][1] and end > spans[span][0]:
-            labels[i] = input_ids[i]
+        raise DataError(f"the chat template's output has no {header!r} ... {end_of_turn!r} turn, so the assistant "
+                        "turns cannot be found; for a tokenizer with other chat markers pass --assistant_only_loss false")
+    # Token i is trained when [start_i, end_i) overlaps a span: the first span ending after start_i begins before end_i.
+    offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    span_starts, span_ends = np.asarray(spans, dtype=np.int64).T
+    first = np.searchsorted(span_ends, offsets[:, 0], side="right")
+    inside = first < len(spans)
+    inside[inside] = span_starts[first[inside]] < offsets[inside, 1]
+    labels = np.where(inside, np.asarray(input_ids), IGNORE_INDEX).tolist()
     return {"input_ids": input_ids, "labels": labels}
 
 
