@@ -77,7 +77,15 @@ class EfficiencyMeter:
         self._last = None  # (time, step, tokens) at the previous logging step
 
     def start(self, step: int, tokens: int) -> None:
+        """Begin measuring at `step` (0, or the step a resumed run starts from)."""
         self._last = (time.perf_counter(), step, tokens)
+        if self.path and os.path.exists(self.path):
+            # A new run starts the file afresh; a resumed one keeps the records up to its checkpoint and drops
+            # those the interrupted run logged after it, which this run logs again.
+            with open(self.path) as file:
+                kept = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
+            with open(self.path, "w") as file:
+                file.writelines(kept)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 

@@ -35,6 +35,15 @@ def test_meter_records_and_summary(tmp_path, monkeypatch):
     assert summary["first_loss"] == 3.0 and summary["last_loss"] == 2.0 and summary["logging_intervals"] == 1
 
 
+def test_a_new_run_starts_the_file_afresh_and_a_resumed_one_keeps_its_past(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 6, 8)))
+    EfficiencyMeter(1e9, 1, None, str(tmp_path)).start(step=4, tokens=0)  # resumed from checkpoint-4
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+    EfficiencyMeter(1e9, 1, None, str(tmp_path)).start(step=0, tokens=0)  # a new run in the same output_dir
+    assert path.read_text() == ""
+
+
 def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 5 - s / 10, "tokens_per_sec_per_gpu": 100.0}) + "\n"
