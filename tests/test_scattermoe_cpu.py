@@ -75,8 +75,40 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from monkey_patch.scattermoe import ops
     from tests.reference import experts_reference, random_problem, rel_err
+    import triton
+    from monkey_patch.scattermoe import kernels as kn
+
+    class Tuner:
+        # Stands in for triton.autotune: runs every config (as its timing runs do, leaving their writes behind),
+        # the last one as the pick, and sets best_config as Triton does.
+        def __init__(self, fn, configs):
+            self.fn, self.configs = fn, [triton.Config(c) for c in configs]
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                for cfg in self.configs:
+                    self.best_config = cfg
+                    self.fn[grid](*args, **kwargs, **cfg.kwargs)
+            return launch
+
+    def use_tuned_path():
+        # The autotuned launch path of ops (dw partials sized for the smallest BLOCK_N, sliced to the pick's).
+        g = dict(BLOCK_M=16, BLOCK_D=16)
+        ops._autotune = lambda: True
+        kn.gate_up_tuned = Tuner(kn.gather_matmul, [dict(g, BLOCK_N=32), dict(g, BLOCK_N=16)])
+        kn.swiglu_bwd_tuned = Tuner(kn.gather_matmul_variant,
+                                    [dict(g, BLOCK_N=16), dict(g, BLOCK_N=32, SWIGLU_LEAN=True)])
+        kn.scatter_matmul_tuned = Tuner(kn.scatter_matmul, [dict(g, BLOCK_N=16)])
+        kn.expert_wgrad_tuned = Tuner(kn.expert_wgrad, [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=16)])
+
     results = []
-    for name, (T, E, K, H, I), routing in json.loads(sys.argv[1]):
+    cases, variants = json.loads(sys.argv[1])
+    for (name, (T, E, K, H, I), routing), variant in [(c, v) for v in variants for c in cases]:
+        if variant == "tuned":
+            use_tuned_path()
+        else:
+            ops._FIXED_GATHER_VARIANT = variant
+        name = name + str(variant)
         x, w1, w2, idx, w = random_problem(T, E, K, H, I, generator=torch.Generator().manual_seed(T))
         if routing is not None:
             idx = torch.tensor(routing).expand(T, K).contiguous()
@@ -102,10 +134,24 @@ INTERPRET_CASES = [
 ]
 
 
+# Gather-kernel variants the autotune lists can pick (kernels.py), each run over every case above: the default, the
+# lean SwiGLU-backward epilogue, and a BLOCK_N other than the scatter kernel's (sizes the dw partials differently).
+# "tuned" (stays last: it patches ops for the rest of the run): ops' autotuned launch path, with a stand-in
+# autotuner whose configs differ in BLOCK_N.
+GATHER_VARIANTS = [{}, {"SWIGLU_LEAN": True}, {"SWIGLU_LEAN": True, "BLOCK_N": 32}, "tuned"]
+
+
+def test_every_autotune_variant_switch_is_tested():
+    from monkey_patch.scattermoe import kernels as kn
+    switches = {k for name in dir(kn) if name.endswith("_CONFIGS") for cfg in getattr(kn, name)
+                for k in cfg.kwargs if not k.startswith("BLOCK")}
+    assert switches <= {k for v in GATHER_VARIANTS if isinstance(v, dict) for k in v}, switches
+
+
 def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)  # must be set before triton is imported
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT, json.dumps(INTERPRET_CASES)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT, json.dumps([INTERPRET_CASES, GATHER_VARIANTS])],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.split("RESULT")[-1])
     # fp32 kernels vs fp64 reference: only summation order differs (seen ~2e-7).

@@ -42,12 +42,12 @@ def _expert_tile(pid_m, counts_ptr, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _gather_matmul_kernel(
+def _gather_matmul_variant_kernel(
     a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, aux_ptr, a_scale_ptr, b_scale_ptr,
     S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, S_BUCKET,
     E_P2: tl.constexpr, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr, FP8: tl.constexpr,
     FP8_PROMOTE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SWIGLU_LEAN: tl.constexpr = False,
 ):
     """A[tok[r]] @ B[e(r)] for expert-sorted rows r (scattered -> grouped), N = I, with a SwiGLU epilogue.
 
@@ -111,14 +111,27 @@ def _gather_matmul_kernel(
     w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     if BACKWARD:
         h_ptrs = h_ptr + rows64[:, None] * (2 * N) + cols[None, :]
-        gate = tl.load(h_ptrs, mask=mask2, other=0.0).to(tl.float32)
-        up = tl.load(h_ptrs + N, mask=mask2, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        tl.store(aux_ptr + pid_n * S + rows, tl.sum(acc * (silu * up), 1), mask=rmask)
-        da = acc * w[:, None]
-        tl.store(c_ptrs, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty), mask=mask2)
-        tl.store(c_ptrs + N, (da * silu).to(out_ty), mask=mask2)
+        if SWIGLU_LEAN:
+            # Coefficient tiles from h alone (w folded in), acc meets them in three products: fewer live fp32 tiles
+            # (sm_90, triton 3.9: 248/248 B/thread spills at 128x128 8 warps against 1012/1228 for the order below).
+            gate = tl.load(h_ptrs, mask=mask2, other=0.0).to(tl.float32)
+            up = tl.load(h_ptrs + N, mask=mask2, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            c_gate = up * (sig + silu * (1.0 - sig)) * w[:, None]  # d silu / d gate = sig * (1 + gate * (1 - sig))
+            c_up = silu * w[:, None]
+            tl.store(aux_ptr + pid_n * S + rows, tl.sum(acc * (silu * up), 1), mask=rmask)
+            tl.store(c_ptrs, (acc * c_gate).to(out_ty), mask=mask2)
+            tl.store(c_ptrs + N, (acc * c_up).to(out_ty), mask=mask2)
+        else:
+            gate = tl.load(h_ptrs, mask=mask2, other=0.0).to(tl.float32)
+            up = tl.load(h_ptrs + N, mask=mask2, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            tl.store(aux_ptr + pid_n * S + rows, tl.sum(acc * (silu * up), 1), mask=rmask)
+            da = acc * w[:, None]
+            tl.store(c_ptrs, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty), mask=mask2)
+            tl.store(c_ptrs + N, (da * silu).to(out_ty), mask=mask2)
     else:
         gate = acc.to(out_ty)
         up = acc_up.to(out_ty)
@@ -128,6 +141,21 @@ def _gather_matmul_kernel(
         gate = gate.to(tl.float32)
         aw = gate * tl.sigmoid(gate) * up.to(tl.float32) * w[:, None]
         tl.store(aux_ptr + rows64[:, None] * N + cols[None, :], aw.to(out_ty), mask=mask2)
+
+
+@triton.jit
+def _gather_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, aux_ptr, a_scale_ptr, b_scale_ptr,
+    S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, S_BUCKET,
+    E_P2: tl.constexpr, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr, FP8: tl.constexpr,
+    FP8_PROMOTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """_gather_matmul_variant_kernel with the default variant (the forward's launch; its signature has no switches,
+    so ahead-of-time compiles, which pass every constexpr, need none)."""
+    _gather_matmul_variant_kernel(a_ptr, b_ptr, c_ptr, tok_ptr, counts_ptr, h_ptr, w_ptr, aux_ptr, a_scale_ptr,
+                                  b_scale_ptr, S, E, N, D, stride_am, stride_be, stride_bd, stride_bn, S_BUCKET,
+                                  E_P2, BACKWARD, DOT_PREC, EVEN_D, FP8, FP8_PROMOTE, BLOCK_M, BLOCK_N, BLOCK_D, False)
 
 
 @triton.jit
@@ -234,35 +262,43 @@ def _expert_wgrad_kernel(
 
 
 # ---- autotuning -----------------------------------------------------------------------------------------------
-# Two or three Hopper tile configs per kernel, 13 compiles in all: a first H200 run with 3-5 configs per kernel
-# (26 compiles) plus Liger's own autotuning did not finish a 32K-token benchmark in 200 s (2026-11-28).
+# Two to five Hopper tile configs per kernel, 15 bf16 configs (10 before the sm_90 compile report's variants): a
+# first H200 run with 3-5 configs per kernel (26 compiles) plus Liger's own autotuning did not finish a 32K-token
+# benchmark in 200 s (2026-11-28).
 # fp32 (tests only) is pruned to one small config: 128x256 fp32 tiles overflow the 228 KB of shared memory.
-# DW_BLOCK_N: the SwiGLU-backward epilogue writes one partial routing-weight gradient row per N-tile, so its
-# BLOCK_N is fixed and the caller sizes that buffer without knowing the chosen config.
-DW_BLOCK_N = 128
 
 
-def _cfg(bm, bn, bd, warps, stages, d_name="BLOCK_D"):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, d_name: bd}, num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, bd, warps, stages, d_name="BLOCK_D", **variant):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, d_name: bd, **variant}, num_warps=warps, num_stages=stages)
 
 
 # Forward gather: two [BLOCK_M, BLOCK_N] fp32 accumulators (gate and up), so 128 x 128 wants 8 warps.
-GATE_UP_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)]
-# Backward gather: its epilogue holds ~6 tiles of fp32 (acc, gate, up, sigmoid, ...); fewer rows per warp spill less.
-SWIGLU_BWD_CONFIGS = [_cfg(128, DW_BLOCK_N, 64, 8, 3), _cfg(64, DW_BLOCK_N, 64, 4, 4), _cfg(128, DW_BLOCK_N, 64, 4, 4)]
+# 128x128x64 at 4 stages: 192 KB of shared memory, no spills (sm_90 compile report); a deeper pipeline to try.
+GATE_UP_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(128, 128, 64, 8, 4)]
+# Backward gather (dY@down + SwiGLU backward, 276 TFLOP/s on the H200, the slowest GEMM). Compiled for sm_90 without
+# a GPU (triton 3.9, ptxas -v, bench/sm90_compile_report.py, notes): every BLOCK_N=128 config spills, 128x128 8 warps
+# 1012/1228 B/thread of stores/loads, SWIGLU_LEAN cuts that to 248/248; BLOCK_N=64 at 8 warps spills nothing
+# (179 registers lean, 253 plain). 128x128 4 warps (6072/7140 B spills, 128 x 128 covered by the 8-warp configs)
+# was dropped. Any BLOCK_N works: the caller sizes the routing-weight partials for the smallest one listed.
+SWIGLU_BWD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3, SWIGLU_LEAN=True),
+                      _cfg(128, 64, 64, 8, 3, SWIGLU_LEAN=True), _cfg(64, 128, 64, 4, 4),
+                      _cfg(64, 128, 64, 4, 4, SWIGLU_LEAN=True)]
 SCATTER_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)]
+# The in-loop row-index load takes one pipeline stage: compiled for sm_90 (triton 3.9) 3 and 4 stages both get 2
+# operand buffers (64 KB at 128x128x64), 5 stages 3 (96 KB). The 5-stage configs try that deeper pipeline (the d
+# gate_up wgrad runs at 376 TFLOP/s against 514-548 for the row GEMMs, which get num_stages buffers).
 WGRAD_CONFIGS = [_cfg(128, 128, 64, 8, 3, "BLOCK_R"), _cfg(128, 128, 64, 4, 4, "BLOCK_R"),
-                 _cfg(128, 256, 64, 8, 3, "BLOCK_R")]
+                 _cfg(128, 256, 64, 8, 3, "BLOCK_R"), _cfg(128, 128, 64, 8, 5, "BLOCK_R"),
+                 _cfg(128, 256, 64, 8, 5, "BLOCK_R")]
 # FP8 (e4m3) forward / input-gradient GEMMs: FP8 wgmma takes K in steps of 32. BLOCK_D 128 is what the Triton fp8
 # matmul tutorial uses on Hopper; 64 is also listed because compiled ahead of time for sm_90 on a CPU (triton 3.9,
 # ptxas -v, 2026-11-28) BLOCK_D 128 doubled the spill stores of the gather/scatter GEMMs (their [BLOCK_M, BLOCK_D]
 # tensors of gathered row pointers). Every variant lowered to warp_group_dot on f8E4M3FN (no mma_v2 fallback).
 # Untuned first guesses: the first GPU session should look at which wins and prune.
 GATE_UP_FP8_CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)]
-SWIGLU_BWD_FP8_CONFIGS = [_cfg(128, DW_BLOCK_N, 128, 8, 3), _cfg(128, DW_BLOCK_N, 64, 8, 3),
-                          _cfg(64, DW_BLOCK_N, 64, 4, 4)]
+SWIGLU_BWD_FP8_CONFIGS = [_cfg(128, 128, 128, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
 SCATTER_FP8_CONFIGS = [_cfg(128, 128, 128, 4, 4), _cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)]
-FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": DW_BLOCK_N, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
+FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
 FP32_WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 2}
 
 
@@ -287,13 +323,14 @@ def _tuned(fn, configs, key, fp32_config=FP32_CONFIG):
 
 _even_d = triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 gather_matmul = _even_d(_gather_matmul_kernel)
+gather_matmul_variant = _even_d(_gather_matmul_variant_kernel)
 scatter_matmul = _even_d(_scatter_matmul_kernel)
 expert_wgrad = _expert_wgrad_kernel
 gate_up_tuned = _tuned(gather_matmul, GATE_UP_CONFIGS, ["N", "D", "S_BUCKET"])
-swiglu_bwd_tuned = _tuned(gather_matmul, SWIGLU_BWD_CONFIGS, ["N", "D", "S_BUCKET"])
+swiglu_bwd_tuned = _tuned(gather_matmul_variant, SWIGLU_BWD_CONFIGS, ["N", "D", "S_BUCKET"])
 scatter_matmul_tuned = _tuned(scatter_matmul, SCATTER_CONFIGS, ["N", "D", "S_BUCKET"])
 gate_up_fp8_tuned = _tuned(gather_matmul, GATE_UP_FP8_CONFIGS, ["N", "D", "S_BUCKET"])
-swiglu_bwd_fp8_tuned = _tuned(gather_matmul, SWIGLU_BWD_FP8_CONFIGS, ["N", "D", "S_BUCKET"])
+swiglu_bwd_fp8_tuned = _tuned(gather_matmul_variant, SWIGLU_BWD_FP8_CONFIGS, ["N", "D", "S_BUCKET"])
 scatter_matmul_fp8_tuned = _tuned(scatter_matmul, SCATTER_FP8_CONFIGS, ["N", "D", "S_BUCKET"])
 expert_wgrad_tuned = _tuned(expert_wgrad, WGRAD_CONFIGS, ["M", "N", "S_BUCKET", "A_GATHER", "B_GATHER"],
                             FP32_WGRAD_CONFIG)

@@ -21,6 +21,7 @@ h, aw, dH, the outputs and all gradients keep the weights' dtype; the two weight
 too (their contraction runs over routed rows, where per-row scales do not factor out: torchao's
 rowwise_with_gw_hp makes the same choice). Nothing extra is saved for the backward.
 """
+import json
 import os
 
 import torch
@@ -32,7 +33,7 @@ from .fp8_quant import quantize_cols_t, quantize_rows
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Fixed configs when autotuning is off (SCATTERMOE_AUTOTUNE=0: GPU tests, where each new shape would retune) or
 # under the CPU interpreter (16 = tl.dot's smallest tile; small tiles make tiny test shapes cross tile edges).
-_FIXED_BF16 = {"BLOCK_M": 128, "BLOCK_N": kn.DW_BLOCK_N, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
+_FIXED_BF16 = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
 _FIXED_BF16_WGRAD = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64, "num_warps": 8, "num_stages": 3}
 _FIXED_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}
 _FIXED_INTERPRET_WGRAD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_R": 16}
@@ -40,6 +41,10 @@ _FIXED_INTERPRET_WGRAD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_R": 16}
 # The fixed GPU config is the bf16 one (kernels.py: BLOCK_D 64 spills less than 128 when compiled for sm_90).
 _FIXED_FP8 = _FIXED_BF16
 _FIXED_INTERPRET_FP8 = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 32}
+# Overrides for the gather kernel's fixed config (BLOCK_N, and the backward's constexpr variant switches such as
+# SWIGLU_LEAN): the CPU tests set this to run every variant the autotune lists can pick (test_scattermoe_cpu.py);
+# on the GPU, SCATTERMOE_GATHER_VARIANT='{"SWIGLU_LEAN": true, "BLOCK_N": 64}' with SCATTERMOE_AUTOTUNE=0 does.
+_FIXED_GATHER_VARIANT: dict = json.loads(os.environ.get("SCATTERMOE_GATHER_VARIANT", "{}"))
 
 
 # Which FP8 GEMMs promote partial sums to fp32 every K-tile (kernels.py, FP8_PROMOTE): torchao's default float8
@@ -88,7 +93,8 @@ def routing_metadata(top_k_index_TK: torch.Tensor, num_experts: int) -> tuple[to
 
 def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, w_S, h_S2I=None, scales=None, out_dtype=None):
     """Forward (h_S2I None): a_TD = X, b_E = gate_up -> (h [S, 2I], aw [S, I]).
-    Backward: a_TD = dY, b_E = down, h_S2I saved -> (dH [S, 2I], dw partials [ceil(I / BLOCK_N), S] fp32).
+    Backward: a_TD = dY, b_E = down, h_S2I saved -> (dH [S, 2I], dw partials [ceil(I / BLOCK_N), S] fp32, BLOCK_N
+    the chosen config's).
     b_strides = (expert, d, n) strides of B viewed as [E, D, N] (N = I).
     FP8: a_TD, b_E e4m3, scales = (a_scale [T] fp32, b_scale [E, 2I] forward / [E, I] backward fp32), and
     out_dtype (h, aw, dH) the master dtype; otherwise the outputs take a_TD's dtype."""
@@ -97,14 +103,17 @@ def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, w_S, h_S2I=None, scale
     backward = h_S2I is not None
     fp8 = scales is not None
     tuned = _autotune()
-    meta = {} if tuned else dict(_fixed(a_TD.dtype, wgrad=False))
+    variant = {k: v for k, v in _FIXED_GATHER_VARIANT.items() if backward or k.startswith("BLOCK")}
+    meta = {} if tuned else {**_fixed(a_TD.dtype, wgrad=False), **variant}
     out_dtype = out_dtype or a_TD.dtype
     c = torch.empty(S, 2 * N, device=a_TD.device, dtype=out_dtype)
-    block_n = kn.DW_BLOCK_N if tuned else meta["BLOCK_N"]
+    kernels = ((kn.swiglu_bwd_fp8_tuned, kn.gate_up_fp8_tuned) if fp8 else (kn.swiglu_bwd_tuned, kn.gate_up_tuned))
+    kernel = kernels[0 if backward else 1] if tuned else (kn.gather_matmul_variant if backward else kn.gather_matmul)
+    # dw partials: one row per N-tile of whichever config runs, so size for the smallest BLOCK_N the autotuner may
+    # pick and return only the rows the chosen config wrote (the others hold garbage from tuning runs).
+    block_n = min(cfg.kwargs["BLOCK_N"] for cfg in kernel.configs) if tuned else meta["BLOCK_N"]
     aux = (torch.empty(triton.cdiv(N, block_n), S, device=c.device, dtype=torch.float32) if backward
            else torch.empty(S, N, device=c.device, dtype=out_dtype))
-    kernels = ((kn.swiglu_bwd_fp8_tuned, kn.gate_up_fp8_tuned) if fp8 else (kn.swiglu_bwd_tuned, kn.gate_up_tuned))
-    kernel = kernels[0 if backward else 1] if tuned else kn.gather_matmul
     a_scale, b_scale = scales if fp8 else (w_S, w_S)  # unread placeholders when FP8 is off
 
     def grid(m):
@@ -114,6 +123,8 @@ def _gather_matmul(a_TD, b_E, b_strides, tok_S, counts_E, w_S, h_S2I=None, scale
                  S, E, N, D, a_TD.stride(0), *b_strides, triton.next_power_of_2(S),
                  E_P2=triton.next_power_of_2(E), BACKWARD=backward, DOT_PREC=_dot_precision(a_TD.dtype), FP8=fp8,
                  FP8_PROMOTE=fp8 and _fp8_promote(backward), **meta)
+    if backward:
+        aux = aux[:triton.cdiv(N, (kernel.best_config.kwargs if tuned else meta)["BLOCK_N"])]
     return c, aux
 
 
