@@ -142,9 +142,15 @@ GATHER_VARIANTS = [{}, {"SWIGLU_LEAN": True}, {"SWIGLU_LEAN": True, "BLOCK_N": 3
 
 
 def test_every_autotune_variant_switch_is_tested():
-    from monkey_patch.scattermoe import kernels as kn
-    switches = {k for name in dir(kn) if name.endswith("_CONFIGS") for cfg in getattr(kn, name)
-                for k in cfg.kwargs if not k.startswith("BLOCK")}
+    """Candidate configs included (SCATTERMOE_CANDIDATES=1, read at import: hence a fresh process)."""
+    script = ("import json; from monkey_patch.scattermoe import kernels as kn; print(json.dumps(sorted({k for name in "
+              "dir(kn) if name.endswith('_CONFIGS') for cfg in getattr(kn, name) for k in cfg.kwargs "
+              "if not k.startswith('BLOCK')})))")
+    env = dict(os.environ, SCATTERMOE_CANDIDATES="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    switches = set(json.loads(proc.stdout.splitlines()[-1]))
+    assert "SWIGLU_LEAN" in switches  # the candidates are in the lists when asked for
     assert switches <= {k for v in GATHER_VARIANTS if isinstance(v, dict) for k in v}, switches
 
 
