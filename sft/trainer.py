@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 
 import torch
 from transformers import AutoModelForCausalLM, Trainer
@@ -35,12 +36,33 @@ def prepare_training_args(training_args) -> None:
         logger.info("--gradient_checkpointing off: the FSDP config's activation checkpointing replaces it")
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N of output_dir that holds trainer_state.json. The Trainer writes that file last (after the
-    model, optimizer and RNG shards), so a run killed while saving leaves a newer folder without it: skip that one."""
+def checkpoint_is_complete(path: str, world_size: int = 1) -> bool:
+    """trainer_state.json and every rank's RNG state, whole.
+
+    Rank 0 writes trainer_state.json last of its own files, but the other ranks write their rng_state_<rank>.pth at
+    the same time: a ZeRO-3 run killed by SIGTERM right after a save left trainer_state.json beside a truncated
+    rng_state_1.pth, and the resume died in torch.load (EOFError). torch.save writes zip archives, so a truncated
+    one fails the zip check without unpickling anything.
+    """
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return False
+    names = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    for name in names:
+        file = os.path.join(path, name)
+        if not zipfile.is_zipfile(file):
+            return False
+        with zipfile.ZipFile(file) as archive:
+            if archive.testzip() is not None:
+                return False
+    return True
+
+
+def latest_checkpoint(output_dir: str, world_size: int = 1) -> str | None:
+    """The newest checkpoint-N of output_dir that is complete (see checkpoint_is_complete): a run killed while saving
+    leaves a newer, partial folder, which is skipped."""
     steps = [int(m.group(1)) for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
              if (m := re.fullmatch(r"checkpoint-(\d+)", name))
-             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+             and checkpoint_is_complete(os.path.join(output_dir, name), world_size)]
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
@@ -50,7 +72,7 @@ def resolve_resume(training_args) -> str | None:
     if requested in (None, "", "false", "False"):
         return None
     if requested in ("latest", "true", "True"):
-        last = latest_checkpoint(training_args.output_dir)
+        last = latest_checkpoint(training_args.output_dir, training_args.world_size)
         if last is None:
             raise FileNotFoundError(f"--resume_from_checkpoint {requested}: no complete checkpoint-N folder in "
                                     f"{training_args.output_dir}; start without it or pass a checkpoint path")

@@ -73,12 +73,18 @@ def test_killed_run_resumes_to_the_same_losses(initial_weights, uninterrupted, t
 
 
 def test_latest_skips_a_checkpoint_left_half_written(tmp_path):
-    """SIGKILL during a save leaves checkpoint-N without trainer_state.json (the Trainer writes it last)."""
+    """A run killed while saving leaves checkpoint-N without trainer_state.json, or (several ranks) with it beside
+    another rank's RNG state still being written: both are skipped."""
+    import torch
     from sft.trainer import latest_checkpoint
-    for step, complete in ((2, True), (10, True), (12, False)):
+    for step, state, ranks in ((2, True, 2), (10, True, 2), (12, False, 2), (14, True, 1), (16, True, 2)):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
+        if state:
             (folder / "trainer_state.json").write_text("{}")
-    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")  # numeric order, complete only
-    assert latest_checkpoint(str(tmp_path / "missing")) is None
+        for rank in range(ranks):
+            torch.save({"python": [rank] * 100}, folder / f"rng_state_{rank}.pth")
+    whole = (tmp_path / "checkpoint-16" / "rng_state_1.pth").read_bytes()
+    (tmp_path / "checkpoint-16" / "rng_state_1.pth").write_bytes(whole[:len(whole) // 2])  # truncated by the kill
+    assert latest_checkpoint(str(tmp_path), world_size=2) == str(tmp_path / "checkpoint-10")  # numeric order
+    assert latest_checkpoint(str(tmp_path / "missing"), world_size=2) is None
