@@ -25,13 +25,14 @@ STEPS = 6
 
 
 def kill_after_checkpoint(command: list[str], output_dir, step: int, sig: int) -> None:
-    """Start `command`, wait until checkpoint-`step` is complete (trainer_state.json is written last), then send
-    `sig` to its whole process group."""
+    """Start `command` (2 processes), wait until checkpoint-`step` is complete (trainer_state.json and both ranks'
+    RNG states whole, as `--resume_from_checkpoint latest` requires), then send `sig` to its whole process group."""
+    from sft.trainer import checkpoint_is_complete
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
-    marker = output_dir / f"checkpoint-{step}" / "trainer_state.json"
+    checkpoint = str(output_dir / f"checkpoint-{step}")
     deadline = time.monotonic() + 300
-    while not marker.exists():
+    while not checkpoint_is_complete(checkpoint, world_size=2):
         if process.poll() is not None:
             pytest.fail(f"the run ended before checkpoint-{step}:\n{process.stdout.read()[-3000:]}")
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
