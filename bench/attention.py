@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.environment import describe_environment  # noqa: E402
+from bench.report import describe_environment, save_to_out  # noqa: E402
 
 HQ, HKV, D = 32, 4, 128
 
@@ -134,9 +134,7 @@ def main():
              "", "sdpa_causal ignores document boundaries (its diff is expected); every other row must be ~1e-2 (bf16)."]
     text = "\n".join(lines)
     print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "attention.md"), "w") as f:
-            f.write(text + "\n")
+    save_to_out("attention.md", text)
 
 
 if __name__ == "__main__":

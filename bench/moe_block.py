@@ -25,7 +25,7 @@ import torch
 os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.environment import describe_environment  # noqa: E402
+from bench.report import describe_environment, save_to_out  # noqa: E402
 
 H, I, E, K = 2048, 768, 128, 8
 _WEIGHTS = {}
@@ -221,9 +221,7 @@ def main():
             part += [f"| {n} | {ms:.3f} | {tf:.0f} |" for n, ms, tf in rows]
             print("\n".join(part), flush=True)
             lines += part
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "moe_block.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    save_to_out("moe_block.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

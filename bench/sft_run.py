@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.environment import describe_environment  # noqa: E402
+from bench.report import describe_environment  # noqa: E402
 
 WORDS = ("model data train token expert route layer batch shard gradient memory kernel tensor vector matrix "
          "attention sequence document packing optimizer schedule checkpoint resume metric speed loss").split()

@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.environment import describe_environment  # noqa: E402
+from bench.report import describe_environment, save_to_out  # noqa: E402
 
 STACKS = {  # name -> apply_patches arguments
     "transformers": dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"),
@@ -64,7 +64,6 @@ def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: s
                    seed: int = 0):
     """`steps` packed batches of `micro_batch` rows of `seq` slots, their real-token counts, the packing efficiency
     (real tokens / slots) and the mean causal attention context."""
-    import torch
     from sft.collate import PackedCollator, pack_examples
 
     rng = random.Random(seed)
@@ -181,9 +180,7 @@ def main() -> None:
               f"{args.micro_batch}, gradient checkpointing, AdamW; median of {args.steps} steps after 3 warm-up; "
               f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results)}\n")
     print(report)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "train_step.md"), "w") as file:
-            file.write(report + "\n```\n" + "\n".join(json.dumps(r) for r in results) + "\n```\n")
+    save_to_out("train_step.md", report + "\n```\n" + "\n".join(json.dumps(r) for r in results) + "\n```\n")
 
 
 if __name__ == "__main__":

@@ -51,11 +51,11 @@ def fp8_module_names(model: nn.Module) -> list[str]:
 def check_fp8_device() -> None:
     if not torch.cuda.is_available():
         raise PatchError("--fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
-                           "run without --fp8 here")
+                         "run without --fp8 here")
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
         raise PatchError(f"--fp8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
-                           f"{torch.cuda.get_device_name()} is sm_{major}{minor}: run without --fp8")
+                         f"{torch.cuda.get_device_name()} is sm_{major}{minor}: run without --fp8")
 
 
 def apply_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False) -> dict:

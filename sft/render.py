@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-
 from transformers import PreTrainedTokenizerBase
 
 from sft.data import DataError

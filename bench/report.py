@@ -1,7 +1,8 @@
-"""One line naming the device, the library versions and the git commit, for every benchmark report."""
+"""What every benchmark report shares: one line naming the device, versions and git commit, and where it is saved."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 
 PACKAGES = ("torch", "transformers", "triton", "liger-kernel", "torchao", "accelerate", "deepspeed")
@@ -18,3 +19,10 @@ def describe_environment() -> str:
             versions.append(f"{package} missing")
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return f"{device}; {', '.join(versions)}; git {sha or 'n/a (a copy without .git)'}"
+
+
+def save_to_out(filename: str, text: str) -> None:
+    """Write a report to $OUT/<filename> when $OUT is set (the GPU machine returns what lands there)."""
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], filename), "w") as file:
+            file.write(text if text.endswith("\n") else text + "\n")
