@@ -4,7 +4,8 @@
 #   BACKEND=zero3 bash qwen3_sft.sh ...            DeepSpeed ZeRO-3 instead of FSDP2 on several GPUs
 # Environment:
 #   RECIPE=config/recipes/tiny.yaml   the recipe of flags (config/recipes/); flags on the command line win
-#   BACKEND=fsdp|zero3|<config.yaml>  distributed backend when several GPUs are used (default fsdp: FSDP2)
+#   BACKEND=fsdp|zero3|<config.yaml>  distributed backend when several GPUs are used (default fsdp: FSDP2); set on
+#                                     one GPU, it runs there too (one process), e.g. to train with ZeRO-3 offload
 #   NUM_GPUS=N                        GPUs to use (default: all that nvidia-smi lists; 0 on a CPU machine)
 #   GLOBAL_BATCH=N, MASTER_PORT, DRY_RUN=1   as in qwen3_sft_multinode.sh, which this script runs with NNODES=1
 set -euo pipefail
@@ -16,7 +17,7 @@ if [[ -z "${NUM_GPUS:-}" ]]; then
 fi
 [[ "$NUM_GPUS" =~ ^[0-9]+$ ]] || { echo "error: NUM_GPUS=$NUM_GPUS: a GPU count" >&2; exit 2; }
 
-if (( NUM_GPUS <= 1 )); then
+if (( NUM_GPUS == 0 )) || { (( NUM_GPUS == 1 )) && [[ -z "${BACKEND:-}" ]]; }; then
   if [[ -n "${GLOBAL_BATCH:-}" ]]; then
     echo "error: GLOBAL_BATCH is for several GPUs; on one device set --gradient_accumulation_steps" >&2; exit 2
   fi

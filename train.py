@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import transformers  # noqa: E402
+from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
 
 from monkey_patch import apply_patches  # noqa: E402
 from monkey_patch.errors import PatchError  # noqa: E402
@@ -66,12 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, collator, context = build_training_data(data_args, tokenizer, 16 if patch_args.fp8 else None)
 
     overrides = {"num_hidden_layers": model_args.num_hidden_layers} if model_args.num_hidden_layers else {}
+    # A preset's random weights are drawn on the GPU it trains on; under ZeRO-3, zero.Init places each partition.
+    on_gpu = training_args.device.type == "cuda" and not is_deepspeed_zero3_enabled()
     model = load_model(model_args.model_name_or_path, dtype=getattr(torch, model_args.model_dtype),
-                       seed=training_args.seed, config_overrides=overrides)
+                       seed=training_args.seed, config_overrides=overrides,
+                       init_device=training_args.device if on_gpu else None)
     apply_patches(model, moe_kernel=patch_args.moe_kernel, liger=patch_args.liger,
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
-                  fp8_recipe=patch_args.fp8_recipe, compile_layers=patch_args.compile_layers,
-                  device=training_args.device)
+                  fp8_recipe=patch_args.fp8_recipe, fp8_experts=patch_args.fp8_experts,
+                  compile_layers=patch_args.compile_layers, device=training_args.device)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                          processing_class=tokenizer)

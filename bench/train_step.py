@@ -16,7 +16,9 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
   liger_experts_compiled LigerExperts and compiled layers (failed on packed batches in torch.compile's backward)
   ours                   our experts kernel + Liger (no swiglu) + our packed attention (`auto`)
   ours_compiled          ours with each decoder layer compiled
-  ours_fp8               ours + --fp8 (dense linears in FP8; compiled layers, as torchao recommends)
+  ours_fp8               ours + --fp8: dense linears (torchao) and experts (scattermoe_fp8) in FP8, layers compiled
+                         (as torchao recommends)
+  ours_fp8_dense         ours + --fp8 --fp8_experts false: FP8 for the dense linears only
 The peer of the ratio column is the fastest Liger stack of the run.
 MFU is over --peak_tflops, default 790: the bf16 dense GEMM rate measured on our H200 (about 770-790),
 the same peak bench/results/baselines_h200_202611.md uses, so figures compare with it.
@@ -46,6 +48,8 @@ STACKS = {  # name -> apply_patches arguments
     "ours": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"),
     "ours_compiled": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", compile_layers="true"),
     "ours_fp8": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True),  # compiles too
+    "ours_fp8_dense": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True,
+                           fp8_experts=False),
 }
 
 

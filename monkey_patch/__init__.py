@@ -5,7 +5,8 @@ Order, and why:
      and shapes, so checkpoints, ZeRO-3 and FSDP see the same tensors);
   2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance;
   3. attention implementation: chosen for the batches the run makes (packed or padded);
-  4. FP8: it converts the nn.Linear modules that remain after the swaps above;
+  4. FP8: it converts the nn.Linear modules that remain after the swaps above, and switches our experts kernel to
+     its FP8 variant (`scattermoe_fp8`) unless `fp8_experts=False`;
   5. torch.compile of each decoder layer last, so it traces the final modules (in place: FSDP still finds the
      decoder-layer class to wrap).
 Every step is idempotent and logged; an unsupported combination raises PatchError, whose message says how to fix it.
@@ -52,7 +53,7 @@ def resolve_compile_layers(requested: str, fp8: bool) -> bool:
 
 def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
                   attn_implementation: str = "auto", fp8: bool = False, fp8_recipe: str = "tensorwise",
-                  compile_layers: str = "auto", device: torch.device | str | None = None) -> dict:
+                  fp8_experts: bool = True, compile_layers: str = "auto", device: torch.device | str | None = None) -> dict:
     """Apply the patches to `model` in place; returns what was chosen, for the log.
 
     `device` is where the model will train (the Trainer moves it there later); default: CUDA if available.
@@ -78,7 +79,10 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     model.set_attn_implementation(applied["attn_implementation"])
     if fp8:
         from monkey_patch.fp8 import apply_fp8
-        applied["fp8"] = apply_fp8(model, recipe=fp8_recipe)
+        applied["fp8"] = apply_fp8(model, recipe=fp8_recipe)  # raises below SM89, so the experts need no own check
+        applied["fp8_experts"] = fp8_experts and applied["moe_kernel"] == "scattermoe"
+        if applied["fp8_experts"]:
+            model.set_experts_implementation("scattermoe_fp8")
     applied["compile_layers"] = resolve_compile_layers(compile_layers, fp8)
     if applied["compile_layers"]:
         for layer in model.model.layers:

@@ -70,6 +70,9 @@ class PatchArguments:
     fp8_recipe: str = field(default="tensorwise", metadata={
         "help": "torchao float8 scaling for the dense linears.",
         "choices": ["tensorwise", "rowwise", "rowwise_with_gw_hp"]})
+    fp8_experts: bool = field(default=True, metadata={
+        "help": "With --fp8 and our experts kernel: its FP8 variant too (forward and input-gradient GEMMs in e4m3 "
+                "with rowwise scales, weight gradients in bf16); false keeps the experts in bf16."})
     compile_layers: str = field(default="auto", metadata={
         "help": "torch.compile each decoder layer; auto: with --fp8 only (torchao builds its fused casts with it).",
         "choices": ["auto", "true", "false"]})

@@ -6,6 +6,7 @@ Presets build a randomly initialised Qwen3-MoE from a config file (`tiny` for CP
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -55,14 +56,17 @@ def load_tokenizer(name_or_path: str, tokenizer_name_or_path: str | None = None)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-               config_overrides: dict | None = None, **from_pretrained_kwargs) -> PreTrainedModel:
+               config_overrides: dict | None = None, init_device: torch.device | str | None = None,
+               **from_pretrained_kwargs) -> PreTrainedModel:
     """A preset (random init from `seed`) or `from_pretrained(name_or_path)`; `use_cache=False` for training.
 
-    `from_pretrained_kwargs` (e.g. attn_implementation, experts_implementation) reach both paths.
+    `init_device`: presets only, where the random weights are drawn (a GPU draws 30B in seconds, a CPU takes
+    minutes). `from_pretrained_kwargs` (e.g. attn_implementation, experts_implementation) reach both paths.
     """
     overrides = dict(config_overrides or {}, use_cache=False)
     if is_preset(name_or_path):
         config = preset_config(name_or_path, **overrides)
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, **from_pretrained_kwargs)
+        with torch.device(init_device) if init_device is not None else contextlib.nullcontext():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, **from_pretrained_kwargs)
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **overrides, **from_pretrained_kwargs)

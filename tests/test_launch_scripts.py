@@ -76,3 +76,9 @@ def test_one_node_script_uses_all_gpus_or_one_process():
     assert "--num_machines 1 --machine_rank 0 --main_process_ip 127.0.0.1" in several.stdout
     single = launch("qwen3_sft.sh", {"NUM_GPUS": "0", "DRY_RUN": "1"}, "--max_steps", "3")
     assert single.returncode == 0 and single.stdout.strip() == "python train.py --config config/recipes/tiny.yaml --max_steps 3"
+    one_gpu = launch("qwen3_sft.sh", {"NUM_GPUS": "1", "DRY_RUN": "1"}, "--max_steps", "3")
+    assert one_gpu.stdout.strip().startswith("python train.py")
+    one_gpu_zero3 = launch("qwen3_sft.sh", {"NUM_GPUS": "1", "BACKEND": "zero3", "DRY_RUN": "1"}, "--max_steps", "3")
+    assert one_gpu_zero3.returncode == 0, one_gpu_zero3.stderr
+    assert "--config_file config/accelerate/zero3.yaml" in one_gpu_zero3.stdout
+    assert "world size 1 (1 nodes x 1 GPUs)" in one_gpu_zero3.stdout
