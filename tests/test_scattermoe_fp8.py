@@ -42,7 +42,7 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from monkey_patch.scattermoe.fp8_quant import FP8_MAX, quantize_ref  # noqa: E402
-from tests.reference import experts_reference, random_problem, rel_err  # noqa: E402
+from tests.reference import interpreter_only, experts_reference, random_problem, rel_err  # noqa: E402
 
 TOL_EMULATION = 1e-4
 TOL_EMULATION_GPU = 1e-2
@@ -217,6 +217,7 @@ INTERPRET_CASES = [
 ]
 
 
+@interpreter_only
 def test_fp8_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)  # must be set before triton is imported
     proc = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT, json.dumps(INTERPRET_CASES)], env=env,

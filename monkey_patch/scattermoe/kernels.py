@@ -20,7 +20,6 @@ the whole K loop (max_num_imprecise_acc defaults to 2^30 there: triton/backends/
 each K-tile's partial sum is added into the fp32 accumulator (max_num_imprecise_acc = BLOCK_D), as DeepSeek-V3's
 FP8 GEMMs promote every 128 and torch._scaled_mm does with use_fast_accum=False.
 """
-import os
 
 import triton
 import triton.testing
@@ -264,9 +263,10 @@ def _expert_wgrad_kernel(
 
 
 # ---- autotuning -----------------------------------------------------------------------------------------------
-# Two or three Hopper tile configs per kernel (up to five with the candidates below), 10 bf16 configs: a
-# first H200 run with 3-5 configs per kernel (26 compiles) plus Liger's own autotuning did not finish a 32K-token
-# benchmark in 200 s (2026-11-28).
+# Two to five Hopper tile configs per kernel, each one that won at least one routed-row count (S = 32K..512K rows,
+# 4K..64K tokens) in the H200 run of bench/moe_block.py with TRITON_PRINT_AUTOTUNING=1 (2026-11-28, bench/results/
+# moe_block_h200_202611.md); configs that never won were dropped, so autotuning stays short: a first H200 run with
+# 3-5 configs per kernel (26 compiles) plus Liger's own autotuning did not finish a 32K-token benchmark in 200 s.
 # fp32 (tests only) is pruned to one small config: 128x256 fp32 tiles overflow the 228 KB of shared memory.
 
 
@@ -274,30 +274,22 @@ def _cfg(bm, bn, bd, warps, stages, d_name="BLOCK_D", **variant):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, d_name: bd, **variant}, num_warps=warps, num_stages=stages)
 
 
-def _candidates(*configs) -> list:
-    """Configs from the sm_90 compile report that no GPU has run yet: autotuned only with SCATTERMOE_CANDIDATES=1 (the
-    next GPU benchmark sets it), so default training keeps the configs the H200 numerics suite verified."""
-    return list(configs) if os.environ.get("SCATTERMOE_CANDIDATES") == "1" else []
-
-
-# Forward gather: two [BLOCK_M, BLOCK_N] fp32 accumulators (gate and up), so 128 x 128 wants 8 warps.
-# 128x128x64 at 4 stages: 192 KB of shared memory, no spills (sm_90 compile report); a deeper pipeline to try.
-GATE_UP_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)] + _candidates(_cfg(128, 128, 64, 8, 4))
-# Backward gather (dY@down + SwiGLU backward, 276 TFLOP/s on the H200, the slowest GEMM). Compiled for sm_90 without
-# a GPU (triton 3.9, ptxas -v, bench/sm90_compile_report.py, notes): every BLOCK_N=128 config spills, 128x128 8 warps
-# 1012/1228 B/thread of stores/loads, SWIGLU_LEAN cuts that to 248/248; BLOCK_N=64 at 8 warps spills nothing
-# (179 registers lean, 253 plain). 128x128 4 warps (6072/7140 B spills, 128 x 128 covered by the 8-warp configs)
-# was dropped. Any BLOCK_N works: the caller sizes the routing-weight partials for the smallest one listed.
-SWIGLU_BWD_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(64, 128, 64, 4, 4)] + _candidates(
-    _cfg(128, 128, 64, 8, 3, SWIGLU_LEAN=True), _cfg(128, 64, 64, 8, 3, SWIGLU_LEAN=True),
-    _cfg(64, 128, 64, 4, 4, SWIGLU_LEAN=True))
+# Forward gather: two [BLOCK_M, BLOCK_N] fp32 accumulators (gate and up), so 128 x 128 wants 8 warps. 4 stages
+# (192 KB of shared memory) won at 4K tokens, 3 stages from 8K up.
+GATE_UP_CONFIGS = [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4)]
+# Backward gather (dY@down + SwiGLU backward, the slowest GEMM). Compiled for sm_90 without a GPU (triton 3.9, ptxas -v,
+# bench/sm90_compile_report.py, notes): every BLOCK_N=128 config spills with the plain epilogue (128x128 8 warps
+# 1012/1228 B/thread); SWIGLU_LEAN cuts that to 248/248. On the H200 the lean 64x128 4-warp config won at every row
+# count (2.98 -> 2.76 ms at 32K tokens); the plain configs and the lean 128x64 never won. The lean 128x128 stays for
+# other model shapes. Any BLOCK_N works: the caller sizes the routing-weight partials for the smallest one listed.
+SWIGLU_BWD_CONFIGS = [_cfg(64, 128, 64, 4, 4, SWIGLU_LEAN=True), _cfg(128, 128, 64, 8, 3, SWIGLU_LEAN=True)]
 SCATTER_CONFIGS = [_cfg(128, 128, 64, 4, 4), _cfg(128, 256, 64, 8, 3)]
 # The in-loop row-index load takes one pipeline stage: compiled for sm_90 (triton 3.9) 3 and 4 stages both get 2
-# operand buffers (64 KB at 128x128x64), 5 stages 3 (96 KB). The 5-stage configs try that deeper pipeline (the d
-# gate_up wgrad runs at 376 TFLOP/s against 514-548 for the row GEMMs, which get num_stages buffers).
+# operand buffers (64 KB at 128x128x64), 5 stages 3 (96 KB). The 5-stage configs won the d gate_up wgrad at 8K and
+# 32K tokens and the d down wgrad at 32K and 64K; each config here won at least one row count.
 WGRAD_CONFIGS = [_cfg(128, 128, 64, 8, 3, "BLOCK_R"), _cfg(128, 128, 64, 4, 4, "BLOCK_R"),
-                 _cfg(128, 256, 64, 8, 3, "BLOCK_R")] + _candidates(_cfg(128, 128, 64, 8, 5, "BLOCK_R"),
-                                                                   _cfg(128, 256, 64, 8, 5, "BLOCK_R"))
+                 _cfg(128, 256, 64, 8, 3, "BLOCK_R"), _cfg(128, 128, 64, 8, 5, "BLOCK_R"),
+                 _cfg(128, 256, 64, 8, 5, "BLOCK_R")]
 # FP8 (e4m3) forward / input-gradient GEMMs: FP8 wgmma takes K in steps of 32. BLOCK_D 128 is what the Triton fp8
 # matmul tutorial uses on Hopper; 64 is also listed because compiled ahead of time for sm_90 on a CPU (triton 3.9,
 # ptxas -v, 2026-11-28) BLOCK_D 128 doubled the spill stores of the gather/scatter GEMMs (their [BLOCK_M, BLOCK_D]
