@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -74,12 +75,19 @@ def run(backend: str, row: str, args, data: Path, workdir: Path) -> dict:
         flags += ["--bf16", "false", "--gradient_checkpointing", "false", "--liger", "false"]
     env = dict(os.environ, NUM_GPUS=str(args.gpus), BACKEND=backend, RECIPE=args.recipe, NCCL_NVLS_ENABLE="0",
                LIGER_FUSED_MOE_AUTOTUNE="0")
-    done = subprocess.run(["bash", str(REPO / "qwen3_sft.sh"), *flags], env=env, capture_output=True, text=True,
-                          timeout=args.timeout_per_run)
-    (workdir / f"{backend}_{row}.log").write_text(done.stdout + done.stderr)
+    # Its own process group, so a run past its time is killed with every worker the launcher started.
+    launcher = subprocess.Popen(["bash", str(REPO / "qwen3_sft.sh"), *flags], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=args.timeout_per_run)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate()
+        stderr += f"\ntimed out after {args.timeout_per_run:.0f} s"
+    (workdir / f"{backend}_{row}.log").write_text(stdout + stderr)
     summary_path = output_dir / "efficiency_summary.json"
-    if done.returncode != 0 or not summary_path.exists():
-        return {"backend": backend, "row": row, "error": (done.stderr or done.stdout)[-300:]}
+    if launcher.returncode != 0 or not summary_path.exists():
+        return {"backend": backend, "row": row, "error": (stderr or stdout)[-300:]}
     return {"backend": backend, "row": row, **json.loads(summary_path.read_text())}
 
 
