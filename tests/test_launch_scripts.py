@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import pytest
+import torch
 
 from tests.conftest import REPO_ROOT
 
@@ -82,3 +83,14 @@ def test_one_node_script_uses_all_gpus_or_one_process():
     assert one_gpu_zero3.returncode == 0, one_gpu_zero3.stderr
     assert "--config_file config/accelerate/zero3.yaml" in one_gpu_zero3.stdout
     assert "world size 1 (1 nodes x 1 GPUs)" in one_gpu_zero3.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO_ROOT / "config" / "recipes").glob("*.yaml")))
+def test_every_recipe_parses(recipe, tmp_path):
+    """Every key of every recipe is a flag train.py knows (transformers 5 dropped some, e.g. warmup_ratio)."""
+    from sft.arguments import parse_arguments
+
+    bf16_off = [] if torch.cuda.is_available() else ["--bf16", "false"]  # bf16 needs a GPU to pass validation
+    model_args, _, _, training_args = parse_arguments(["--config", str(REPO_ROOT / "config" / "recipes" / recipe),
+                                                       "--output_dir", str(tmp_path), *bf16_off])
+    assert model_args.model_name_or_path and training_args.learning_rate > 0
