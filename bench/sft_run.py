@@ -70,7 +70,7 @@ def run(backend: str, row: str, args, data: Path, workdir: Path) -> dict:
              "--max_seq_length", str(args.seq), "--per_device_train_batch_size", str(args.micro_batch),
              "--gradient_accumulation_steps", "1", "--max_steps", str(args.steps), "--logging_steps", "2",
              "--save_strategy", "no", "--save_final_model", "false", "--output_dir", str(output_dir),
-             "--peak_tflops", str(args.peak_tflops), "--report_to", "none", *ROWS[row]]
+             "--peak_tflops", str(args.peak_tflops), "--report_to", "none", *ROWS[row], *args.extra_flags.split()]
     if args.gpus == 0:  # the CPU smoke run: Liger is GPU-only
         flags += ["--bf16", "false", "--gradient_checkpointing", "false", "--liger", "false"]
     env = dict(os.environ, NUM_GPUS=str(args.gpus), BACKEND=backend, RECIPE=args.recipe, NCCL_NVLS_ENABLE="0",
@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--micro_batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peak_tflops", type=float, default=790.0, help="790: the bf16 GEMM rate measured on our H200")
+    parser.add_argument("--extra_flags", default="", help="train.py flags appended to every run, e.g. "
+                        "'--compile_layers false' (the last value of a flag wins)")
     parser.add_argument("--timeout_per_run", type=float, default=1200.0)
     args = parser.parse_args()
     rows = list(ROWS) if args.rows == "reference" else ["all"] if args.rows == "all" else args.rows.split(",")
