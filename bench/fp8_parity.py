@@ -6,7 +6,7 @@ dense linears only; per-step losses side by side and the final-loss gap (issue t
 
 Each run is `train.py` itself (one process each) on the long-tailed synthetic conversations of bench/sft_run.py:
 random words, so the loss falls to the words' entropy plus the chat template and cannot be memorised to zero, where a
-relative gap would mean little. "Final loss" is the mean of the last 10% of logged steps (one step's loss is noisy).
+relative gap would mean little. With a GPU per run (e.g. 4), the runs go side by side, one per GPU. "Final loss" is the mean of the last 10% of logged steps (one step's loss is noisy).
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -27,21 +29,32 @@ from bench.sft_run import write_dataset  # noqa: E402
 RUNS = {"bf16": ["--fp8", "false"], "fp8": ["--fp8", "true"], "fp8_dense_only": ["--fp8", "true", "--fp8_experts", "false"]}
 
 
-def train(name: str, args, data: Path, workdir: Path) -> list[dict]:
-    output_dir = workdir / name
+def start(name: str, args, data: Path, workdir: Path, gpu: int | None) -> subprocess.Popen:
+    """Launch train.py for run `name` (on GPU `gpu` alone when given)."""
     flags = ["--model_name_or_path", args.preset, "--num_hidden_layers", str(args.layers), "--dataset", str(data),
              "--max_seq_length", str(args.seq), "--packing", "true", "--per_device_train_batch_size",
              str(args.micro_batch), "--max_steps", str(args.steps), "--learning_rate", str(args.lr),
              "--lr_scheduler_type", "cosine", "--warmup_steps", str(args.steps // 15), "--bf16", str(args.gpu).lower(),
              "--gradient_checkpointing", "true", "--logging_steps", "1", "--save_strategy", "no",
-             "--save_final_model", "false", "--output_dir", str(output_dir), "--report_to", "none", "--seed", "0",
+             "--save_final_model", "false", "--output_dir", str(workdir / name), "--report_to", "none", "--seed", "0",
              *RUNS[name]]
-    done = subprocess.run([sys.executable, str(REPO / "train.py"), *flags], capture_output=True, text=True,
-                          timeout=args.timeout_per_run)
-    (workdir / f"{name}.log").write_text(done.stdout + done.stderr)
-    metrics = output_dir / "metrics.jsonl"
-    if done.returncode != 0 or not metrics.exists():
-        raise RuntimeError(f"{name}: train.py failed (exit {done.returncode}): {(done.stderr or done.stdout)[-600:]}")
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
+    log = open(workdir / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags], stdout=log, stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def finish(name: str, process: subprocess.Popen, args, workdir: Path) -> list[dict]:
+    """The run's per-step records (metrics.jsonl); RuntimeError with the log's tail if it failed."""
+    try:
+        process.wait(timeout=args.timeout_per_run)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    metrics = workdir / name / "metrics.jsonl"
+    if process.returncode != 0 or not metrics.exists():
+        log = (workdir / f"{name}.log").read_text()
+        raise RuntimeError(f"{name}: train.py failed (exit {process.returncode}): {log[-600:]}")
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
@@ -61,18 +74,23 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--timeout_per_run", type=float, default=900.0)
     args = parser.parse_args()
-    import torch
     args.gpu = torch.cuda.is_available()  # a CPU run is a smoke test of this script (bf16 run only)
     workdir = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="fp8_parity_"))
     data = write_dataset(workdir / "length_mix.jsonl", tokens=int(args.steps * args.micro_batch * args.seq * 1.3),
                          seq=args.seq)
     curves, errors = {}, {}
-    for name in args.runs.split(","):
-        try:
-            curves[name] = train(name, args, data, workdir)
-        except (RuntimeError, subprocess.TimeoutExpired) as error:
-            errors[name] = str(error)
-        print(name, "done" if name in curves else errors[name], flush=True)
+    names = args.runs.split(",")
+    # One GPU per run when there are enough (the runs are independent), else one after another.
+    side_by_side = args.gpu and torch.cuda.device_count() >= len(names)
+    batches = [list(enumerate(names))] if side_by_side else [[(None, name)] for name in names]
+    for batch in batches:
+        started = [(name, start(name, args, data, workdir, gpu)) for gpu, name in batch]
+        for name, process in started:
+            try:
+                curves[name] = finish(name, process, args, workdir)
+            except RuntimeError as error:
+                errors[name] = str(error)
+            print(name, "done" if name in curves else errors[name], flush=True)
     lines = ["| run | final loss (mean of last 10%) | vs bf16 | s/step | peak GiB |", "|---|---|---|---|---|"]
     reference = final_loss(curves["bf16"]) if "bf16" in curves else None
     for name, records in curves.items():
