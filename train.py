@@ -31,7 +31,7 @@ from sft.data import DataError, load_conversations  # noqa: E402
 from sft.metrics import detect_peak_tflops, flops_per_token  # noqa: E402
 from sft.model import load_model, load_tokenizer  # noqa: E402
 from sft.render import tokenize_conversations  # noqa: E402
-from sft.trainer import SFTTrainer, prepare_training_args, resolve_resume  # noqa: E402
+from sft.trainer import SFTTrainer, prepare_training_args, resolve_resume, sharding_backend  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     apply_patches(model, moe_kernel=patch_args.moe_kernel, liger=patch_args.liger,
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
                   fp8_recipe=patch_args.fp8_recipe, fp8_experts=patch_args.fp8_experts,
-                  compile_layers=patch_args.compile_layers, device=training_args.device)
+                  compile_layers=patch_args.compile_layers, device=training_args.device,
+                  sharding=sharding_backend(training_args))
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                          processing_class=tokenizer)

@@ -74,7 +74,8 @@ class PatchArguments:
         "help": "With --fp8 and our experts kernel: its FP8 variant too (forward and input-gradient GEMMs in e4m3 "
                 "with rowwise scales, weight gradients in bf16); false keeps the experts in bf16."})
     compile_layers: str = field(default="auto", metadata={
-        "help": "torch.compile each decoder layer; auto: with --fp8 only (torchao builds its fused casts with it).",
+        "help": "torch.compile each decoder layer; auto: with --fp8 only (torchao builds its fused casts with it), "
+                "and never under FSDP2 or ZeRO-3, where compiled layers crashed (monkey_patch/__init__.py).",
         "choices": ["auto", "true", "false"]})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak dense bf16 TFLOP/s of one device, for MFU; detected from the GPU name when not given."})

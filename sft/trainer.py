@@ -90,6 +90,15 @@ def fsdp_checkpoints_activations(training_args) -> bool:
     return launched or flagged
 
 
+def sharding_backend(training_args) -> str | None:
+    """"fsdp" or "deepspeed" when the run shards the model (accelerate's launch config or the Trainer's flags)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or training_args.fsdp:
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or training_args.deepspeed:
+        return "deepspeed"
+    return None
+
+
 class SFTTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
