@@ -74,6 +74,7 @@ class EfficiencyMeter:
         self.peak_tflops = peak_tflops
         self.path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
         self.records: list[dict] = []
+        self._intervals: list[tuple[int, float, int]] = []  # (steps, seconds, tokens) per record, for the summary
         self._last = None  # (time, step, tokens) at the previous logging step
 
     def start(self, step: int, tokens: int) -> None:
@@ -110,25 +111,29 @@ class EfficiencyMeter:
         }
         record = {"step": step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}, **figures}
         self.records.append(record)
+        self._intervals.append((steps, seconds, new_tokens))
         if self.path:
             with open(self.path, "a") as file:
                 file.write(json.dumps(record) + "\n")
         return figures
 
     def summary(self) -> dict:
-        """Run totals; the first logging interval (compilation, autotuning, allocator warm-up) is left out if others exist."""
-        steady = self.records[1:] or self.records
-        if not steady:
+        """Run totals over the steady intervals: the first logging interval (compilation, autotuning, allocator
+        warm-up) is left out if others exist. Rates are totals over totals (tokens / seconds), not a mean of the
+        intervals' rates, which one slow interval would bias upwards."""
+        steady = slice(1, None) if len(self.records) > 1 else slice(None)
+        records, intervals = self.records[steady], self._intervals[steady]
+        if not records:
             return {}
-        steps = sum(1 for _ in steady)
-        mean = lambda key: sum(r[key] for r in steady) / steps  # noqa: E731
-        mfu = [r["mfu"] for r in steady if r["mfu"] is not None]
+        steps, seconds, tokens = (sum(column) for column in zip(*intervals))
+        per_gpu = tokens / seconds / self.world_size
+        mfu = per_gpu * self.flops_per_token / 1e12 / self.peak_tflops if self.peak_tflops else None
         return {
-            "logging_intervals": steps,
-            "sec_per_step": round(mean("sec_per_step"), 4),
-            "tokens_per_sec": round(mean("tokens_per_sec"), 1),
-            "tokens_per_sec_per_gpu": round(mean("tokens_per_sec_per_gpu"), 1),
-            "mfu": round(sum(mfu) / len(mfu), 4) if mfu else None,
+            "logging_intervals": len(records),
+            "sec_per_step": round(seconds / steps, 4),
+            "tokens_per_sec": round(tokens / seconds, 1),
+            "tokens_per_sec_per_gpu": round(per_gpu, 1),
+            "mfu": round(mfu, 4) if mfu is not None else None,
             "peak_mem_gib": max(r["peak_mem_gib"] for r in self.records),
             "first_loss": self.records[0].get("loss"),
             "last_loss": self.records[-1].get("loss"),

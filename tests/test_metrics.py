@@ -50,3 +50,16 @@ def test_plot_writes_a_png(tmp_path):
                             for s in range(1, 6)))
     plot_main([str(path)])
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_rates_are_totals_over_totals(monkeypatch):
+    """Intervals of 1 s and 3 s with 3000 tokens each: 6000 tokens / 4 s = 1500 tokens/s, not the mean rate 2000."""
+    clock = iter([0.0, 10.0, 11.0, 14.0])
+    monkeypatch.setattr("sft.metrics.time.perf_counter", lambda: next(clock))
+    meter = EfficiencyMeter(flops_per_token=1e9, world_size=1, peak_tflops=2.0, output_dir=None)
+    meter.start(step=0, tokens=0)
+    meter.measure(step=2, tokens=100, logs={})  # the warm-up interval, left out
+    meter.measure(step=4, tokens=3100, logs={})
+    meter.measure(step=6, tokens=6100, logs={})
+    summary = meter.summary()
+    assert summary["tokens_per_sec"] == 1500 and summary["sec_per_step"] == 1.0 and summary["mfu"] == 0.75
