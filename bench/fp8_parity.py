@@ -6,7 +6,8 @@ dense linears only; per-step losses side by side and the final-loss gap (issue t
 
 Each run is `train.py` itself (one process each) on the long-tailed synthetic conversations of bench/sft_run.py:
 random words, so the loss falls to the words' entropy plus the chat template and cannot be memorised to zero, where a
-relative gap would mean little. With a GPU per run (e.g. 4), the runs go side by side, one per GPU. "Final loss" is the mean of the last 10% of logged steps (one step's loss is noisy).
+relative gap would mean little. With a GPU per run (e.g. 4), the runs go side by side, one per GPU. "Final loss" is
+the mean of the last 10% of logged steps (one step's loss is noisy).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ sys.path.insert(0, str(REPO))
 from bench.report import describe_environment, save_to_out  # noqa: E402
 from bench.sft_run import write_dataset  # noqa: E402
 
-RUNS = {"bf16": ["--fp8", "false"], "fp8": ["--fp8", "true"], "fp8_dense_only": ["--fp8", "true", "--fp8_experts", "false"]}
+RUNS = {"bf16": ["--fp8", "false"], "fp8": ["--fp8", "true"],
+        "fp8_dense_only": ["--fp8", "true", "--fp8_experts", "false"]}
 
 
 def start(name: str, args, data: Path, workdir: Path, gpu: int | None) -> subprocess.Popen:

@@ -88,8 +88,49 @@ def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: s
     return [{k: v.to(device) for k, v in b.items()} for b in batches], real_tokens, efficiency, context
 
 
+# Kernel-name patterns -> where the step's device time goes (the first match wins; the rest is "other").
+KERNEL_GROUPS = (
+    ("experts (ours)", r"_gather_matmul|_scatter_matmul|_expert_wgrad|_quantize_kernel|routing"),
+    ("attention", r"flash|fmha|varlen|attn|attention|flex"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("liger (norm, rope, loss)", r"liger|rms_norm|rope|cross_entropy|_fused_linear"),
+    ("GEMM (cuBLAS / grouped)", r"gemm|cutlass|xmma|nvjet|sm90|grouped_mm|matmul|aten::mm|addmm|bmm"),
+    ("copies, fills, reductions", r"copy|fill|reduce|index|scatter|gather|cat|sort|topk|softmax|elementwise"),
+)
+
+
+def profile_table(step, repeats: int, device: str) -> str:
+    """Run `step()` `repeats` times under torch.profiler; device time per kernel group and the top kernels."""
+    import re
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            step()
+    attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages()
+              if getattr(e, attribute) > 0 and (device != "cuda" or str(getattr(e, "device_type", "")).endswith("CUDA"))]
+    total = sum(getattr(e, attribute) for e in events) or 1.0
+    groups = dict.fromkeys([name for name, _ in KERNEL_GROUPS] + ["other"], 0.0)
+    for e in events:
+        group = next((name for name, pattern in KERNEL_GROUPS if re.search(pattern, e.key, re.IGNORECASE)), "other")
+        groups[group] += getattr(e, attribute)
+    unit = "CUDA kernels" if device == "cuda" else "CPU ops"
+    lines = [f"Device time per step: {total / repeats / 1e3:.1f} ms ({unit})", "",
+             "| group | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {g} | {t / repeats / 1e3:.2f} | {t / total:.1%} |" for g, t in groups.items()]
+    lines += ["", "| kernel | calls/step | ms/step | share |", "|---|---|---|---|"]
+    for e in sorted(events, key=lambda e: -getattr(e, attribute))[:25]:
+        lines.append(f"| `{e.key[:90]}` | {e.count / repeats:g} | {getattr(e, attribute) / repeats / 1e3:.2f} | "
+                     f"{getattr(e, attribute) / total:.1%} |")
+    return "\n".join(lines)
+
+
 def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
-            preset: str = "qwen3-30b-a3b") -> dict:
+            preset: str = "qwen3-30b-a3b", profile: bool = False) -> dict:
     import torch
     from monkey_patch import apply_patches
     from sft.metrics import flops_per_token
@@ -106,26 +147,36 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     warmup = 3
     fp8 = patches.get("fp8", False)  # FP8 GEMMs need token counts divisible by 16
-    batches, real_tokens, efficiency, context = packed_batches(warmup + steps, micro_batch, seq, model.config.vocab_size, device,
-                                                  pad_to_multiple_of=16 if fp8 else None)
+    batches, real_tokens, efficiency, context = packed_batches(warmup + steps, micro_batch, seq,
+                                                               model.config.vocab_size, device,
+                                                               pad_to_multiple_of=16 if fp8 else None)
     times, losses = [], []
+    def train_step(batch) -> float:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # synchronizes
+
     for i, batch in enumerate(batches):
         if i == warmup and device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sync()
         start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # synchronizes
+        losses.append(train_step(batch))
         times.append(time.perf_counter() - start)
+    if profile:  # after the timed steps, so the profiler's overhead stays out of the timings
+        table = profile_table(lambda: train_step(batches[-1]), repeats=3, device=device)
+        print(f"PROFILE {stack}\n{table}", flush=True)
+        save_to_out(f"profile_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens\n\n{table}")
     seconds = statistics.median(times[warmup:])
     tokens = statistics.median(real_tokens[warmup:])
     tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
-    return {"stack": stack, "layers": layers, "seq": seq, "micro_batch": micro_batch, "sec_per_step": round(seconds, 4),
-            "tokens_per_sec": round(tokens / seconds), "tflops": round(tflops, 1), "mfu": round(tflops / peak_tflops, 3),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0, 2), "packing_efficiency": round(efficiency, 4),
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    return {"stack": stack, "layers": layers, "seq": seq, "micro_batch": micro_batch,
+            "sec_per_step": round(seconds, 4), "tokens_per_sec": round(tokens / seconds), "tflops": round(tflops, 1),
+            "mfu": round(tflops / peak_tflops, 3), "peak_gib": round(peak_gib, 2),
+            "packing_efficiency": round(efficiency, 4),
             "first_step_s": round(times[0], 1), "loss_first": round(losses[0], 3), "loss_last": round(losses[-1], 3),
             "patches": {k: v for k, v in applied.items() if k != "fp8"}}
 
@@ -158,13 +209,16 @@ def main() -> None:
     parser.add_argument("--micro_batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak_tflops", type=float, default=790.0)
+    parser.add_argument("--profile", action="store_true", help="after timing, profile 3 more steps of each stack: "
+                        "device time per kernel group and the top kernels, printed and saved as profile_<stack>.md")
     parser.add_argument("--timeout_per_stack", type=float, default=900.0, help="seconds before a stack is abandoned")
     args = parser.parse_args()
-    shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq), "--micro_batch", str(args.micro_batch),
-             "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops)]
+    shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
+             "--micro_batch", str(args.micro_batch), "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops),
+             *(["--profile"] if args.profile else [])]
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
-                                             args.peak_tflops, args.preset)), flush=True)
+                                             args.peak_tflops, args.preset, args.profile)), flush=True)
         return
     results = []
     for stack in args.stacks.split(","):
@@ -177,6 +231,8 @@ def main() -> None:
             results.append({"stack": stack, "error": f"timed out after {args.timeout_per_stack} s"})
             continue
         found = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+        if args.profile and "PROFILE " in run.stdout:
+            print(run.stdout[run.stdout.index("PROFILE "):].split("\nRESULT ")[0], flush=True)
         results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})
         print(json.dumps(results[-1]), flush=True)
     report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n"

@@ -21,9 +21,11 @@ def run(*command, tmp_path):
 
 def test_train_step_bench(tmp_path):
     out = run("bench/train_step.py", "--preset", "tiny", "--layers", "2", "--seq", "256", "--steps", "2",
-              "--stacks", "transformers", tmp_path=tmp_path)
+              "--stacks", "transformers", "--profile", tmp_path=tmp_path)
     assert "| transformers | " in out and "error" not in out
     assert (tmp_path / "train_step.md").exists()
+    profile = (tmp_path / "profile_transformers.md").read_text()
+    assert "| GEMM (cuBLAS / grouped) |" in profile and "aten::" in profile  # CPU ops stand in for kernels here
 
 
 def test_sft_run_bench(tmp_path):
