@@ -111,8 +111,11 @@ def profile_table(step, repeats: int, device: str) -> str:
         for _ in range(repeats):
             step()
     attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    on_device = (lambda e: str(getattr(e, "device_type", "")).endswith("CUDA")) if device == "cuda" else (lambda e: True)
-    events = [e for e in prof.key_averages() if getattr(e, attribute) > 0 and on_device(e)]
+    def counted(event) -> bool:  # on a GPU, kernels only: the CPU ops that launched them carry the same time
+        on_gpu = str(getattr(event, "device_type", "")).endswith("CUDA")
+        return getattr(event, attribute) > 0 and (on_gpu or device != "cuda")
+
+    events = [e for e in prof.key_averages() if counted(e)]
     total = sum(getattr(e, attribute) for e in events) or 1.0
     groups = dict.fromkeys([name for name, _ in KERNEL_GROUPS] + ["other"], 0.0)
     for e in events:
