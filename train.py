@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_args.model_name_or_path, dtype=getattr(torch, model_args.model_dtype),
                        seed=training_args.seed, config_overrides=overrides,
                        init_device=training_args.device if on_gpu else None)
+    logger.info("model %s: %s parameters on %s", model_args.model_name_or_path,
+                f"{sum(p.numel() for p in model.parameters()):,}", next(model.parameters()).device)
     apply_patches(model, moe_kernel=patch_args.moe_kernel, liger=patch_args.liger,
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
                   fp8_recipe=patch_args.fp8_recipe, fp8_experts=patch_args.fp8_experts,
