@@ -41,9 +41,9 @@ def start(name: str, args, data: Path, workdir: Path, gpu: int | None) -> subpro
              "--save_final_model", "false", "--output_dir", str(workdir / name), "--report_to", "none", "--seed", "0",
              *RUNS[name]]
     env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}))
-    log = open(workdir / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags], stdout=log, stderr=subprocess.STDOUT,
-                            env=env)
+    with open(workdir / f"{name}.log", "w") as log:  # the child keeps its own copy of the file descriptor
+        return subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
 
 
 def finish(name: str, process: subprocess.Popen, args, workdir: Path) -> list[dict]:

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -101,8 +102,6 @@ KERNEL_GROUPS = (
 
 def profile_table(step, repeats: int, device: str) -> str:
     """Run `step()` `repeats` times under torch.profiler; device time per kernel group and the top kernels."""
-    import re
-
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -111,6 +110,7 @@ def profile_table(step, repeats: int, device: str) -> str:
         for _ in range(repeats):
             step()
     attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+
     def counted(event) -> bool:  # on a GPU, kernels only: the CPU ops that launched them carry the same time
         on_gpu = str(getattr(event, "device_type", "")).endswith("CUDA")
         return getattr(event, attribute) > 0 and (on_gpu or device != "cuda")
