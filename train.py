@@ -25,7 +25,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
 from monkey_patch import apply_patches  # noqa: E402
 from monkey_patch.errors import PatchError  # noqa: E402
 from sft.arguments import parse_arguments  # noqa: E402
-from sft.callbacks import EfficiencyCallback, add_efficiency_callback  # noqa: E402
+from sft.callbacks import EfficiencyCallback, ProfilerCallback, add_efficiency_callback  # noqa: E402
 from sft.collate import PackedCollator, PaddedCollator, mean_causal_context, pack_examples  # noqa: E402
 from sft.data import DataError, load_conversations  # noqa: E402
 from sft.metrics import detect_peak_tflops, flops_per_token  # noqa: E402
@@ -78,12 +78,14 @@ def main(argv: list[str] | None = None) -> None:
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
                   fp8_recipe=patch_args.fp8_recipe, fp8_experts=patch_args.fp8_experts,
                   compile_layers=patch_args.compile_layers, device=training_args.device,
-                  sharding=sharding_backend(training_args))
+                  sharding=sharding_backend(training_args), ce_chunk_tokens=patch_args.ce_chunk_tokens)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                          processing_class=tokenizer)
     peak = patch_args.peak_tflops or detect_peak_tflops()
     add_efficiency_callback(trainer, EfficiencyCallback(flops_per_token(model.config, context), peak))
+    if patch_args.profile_steps > 0:
+        trainer.add_callback(ProfilerCallback(patch_args.profile_steps, patch_args.profile_warmup_steps))
     trainer.train(resume_from_checkpoint=resume)
     if model_args.save_final_model:
         trainer.save_model(training_args.output_dir)

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.report import describe_environment  # noqa: E402
+from bench.report import describe_environment, save_to_out  # noqa: E402
 
 WORDS = ("model data train token expert route layer batch shard gradient memory kernel tensor vector matrix "
          "attention sequence document packing optimizer schedule checkpoint resume metric speed loss").split()
@@ -91,6 +91,17 @@ def run(backend: str, row: str, args, data: Path, workdir: Path) -> dict:
     return {"backend": backend, "row": row, **json.loads(summary_path.read_text())}
 
 
+def show_profile(backend: str, row: str, workdir: Path) -> None:
+    """Print rank 0's `--profile_steps` report of a run (sft/callbacks.py) and copy it to $OUT."""
+    path = workdir / f"{backend}_{row}" / "profile_rank0.md"
+    if not path.exists():
+        print(f"no profile for {backend} {row}: {path} was not written (see {backend}_{row}.log)", flush=True)
+        return
+    text = path.read_text()
+    print(f"PROFILE {backend} {row}\n{text}", flush=True)
+    save_to_out(f"profile_{backend}_{row}.md", f"{backend} {row}, {path}\n\n{text}")
+
+
 def table(results: list[dict]) -> str:
     lines = ["| backend | row | s/step | tokens/s/GPU | MFU | peak GiB | first -> last loss |", "|---" * 7 + "|"]
     for r in results:
@@ -116,7 +127,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peak_tflops", type=float, default=790.0, help="790: the bf16 GEMM rate measured on our H200")
     parser.add_argument("--extra_flags", default="", help="train.py flags appended to every run, e.g. "
-                        "'--compile_layers false' (the last value of a flag wins)")
+                        "'--compile_layers false' (the last value of a flag wins); with '--profile_steps N' each run's "
+                        "profile_rank0.md is printed after its row and saved as profile_<backend>_<row>.md")
     parser.add_argument("--timeout_per_run", type=float, default=1200.0)
     args = parser.parse_args()
     rows = list(ROWS) if args.rows == "reference" else ["all"] if args.rows == "all" else args.rows.split(",")
@@ -128,6 +140,8 @@ def main() -> None:
         for row in rows:
             results.append(run(backend, row, args, data, workdir))
             print(json.dumps(results[-1]), flush=True)
+            if "--profile_steps" in args.extra_flags:
+                show_profile(backend, row, workdir)
     report = (f"Command: python bench/sft_run.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n{args.preset} with {args.layers} layers, "
               f"sequence {args.seq}, micro-batch {args.micro_batch}, {max(1, args.gpus)} device(s), {args.steps} steps; "
               f"figures from train.py's efficiency_summary.json (first logging interval left out), MFU over "

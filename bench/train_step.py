@@ -14,7 +14,8 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
                          (the best row of bench/results/baselines_h200_202611.md)
   liger_flex_compiled    as liger_compiled, with transformers' own flex_attention for the packed documents
   liger_experts_compiled LigerExperts and compiled layers (failed on packed batches in torch.compile's backward)
-  ours                   our experts kernel + Liger (no swiglu) + our packed attention (`auto`)
+  ours                   our experts kernel + Liger (no swiglu; 2,048-token fused-CE chunks) + our packed attention
+  ours_liger_ce_chunks   ours with Liger's own fused-CE chunk sizing (128 tokens here), what the chunking gains
   ours_compiled          ours with each decoder layer compiled
   ours_fp8               ours + --fp8: dense linears (torchao) and experts (scattermoe_fp8) in FP8, layers compiled
                          (as torchao recommends)
@@ -29,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -39,14 +39,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.report import describe_environment, save_to_out  # noqa: E402
 
+LIGER_AS_SHIPPED = dict(liger="true", ce_chunk_tokens=0)  # the peers: Liger's own fused-CE chunk sizing
 STACKS = {  # name -> apply_patches arguments
     "transformers": dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"),
-    "liger_experts": dict(moe_kernel="liger", liger="true", attn_implementation="sdpa"),
-    "liger_compiled": dict(moe_kernel="grouped_mm", liger="true", attn_implementation="sdpa", compile_layers="true"),
-    "liger_flex_compiled": dict(moe_kernel="grouped_mm", liger="true", attn_implementation="flex_attention",
-                                compile_layers="true"),
-    "liger_experts_compiled": dict(moe_kernel="liger", liger="true", attn_implementation="sdpa", compile_layers="true"),
+    "liger_experts": dict(moe_kernel="liger", attn_implementation="sdpa", **LIGER_AS_SHIPPED),
+    "liger_compiled": dict(moe_kernel="grouped_mm", attn_implementation="sdpa", compile_layers="true",
+                           **LIGER_AS_SHIPPED),
+    "liger_flex_compiled": dict(moe_kernel="grouped_mm", attn_implementation="flex_attention", compile_layers="true",
+                                **LIGER_AS_SHIPPED),
+    "liger_experts_compiled": dict(moe_kernel="liger", attn_implementation="sdpa", compile_layers="true",
+                                   **LIGER_AS_SHIPPED),
     "ours": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"),
+    "ours_liger_ce_chunks": dict(moe_kernel="scattermoe", attn_implementation="auto", **LIGER_AS_SHIPPED),
     "ours_compiled": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", compile_layers="true"),
     "ours_fp8": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True),  # compiles too
     "ours_fp8_dense": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True,
@@ -89,51 +93,34 @@ def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: s
     return [{k: v.to(device) for k, v in b.items()} for b in batches], real_tokens, efficiency, context
 
 
-# Kernel-name patterns -> where the step's device time goes (the first match wins; the rest is "other").
-KERNEL_GROUPS = (
-    ("experts (ours)", r"_gather_matmul|_scatter_matmul|_expert_wgrad|_quantize_kernel|routing"),
-    ("attention", r"flash|fmha|varlen|attn|attention|flex"),
-    ("optimizer", r"adam|multi_tensor|foreach"),
-    ("liger (norm, rope, loss)", r"liger|rms_norm|rope|cross_entropy|_fused_linear"),
-    ("GEMM (cuBLAS / grouped)", r"gemm|cutlass|xmma|nvjet|sm90|grouped_mm|matmul|aten::mm|addmm|bmm"),
-    ("copies, fills, reductions", r"copy|fill|reduce|index|scatter|gather|cat|sort|topk|softmax|elementwise"),
-)
-
-
 def profile_table(step, repeats: int, device: str) -> str:
-    """Run `step()` `repeats` times under torch.profiler; device time per kernel group and the top kernels."""
+    """Run `step()` `repeats` times under torch.profiler; wall and kernel time per step (sft/profiling.py)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    from sft.profiling import profile_report, profiler_activities
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with profile(activities=profiler_activities(device == "cuda")) as prof:
+        sync()  # the wall starts with the GPU empty and ends when its last kernel has finished
+        start = time.perf_counter()
         for _ in range(repeats):
             step()
-    attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        sync()
+        wall = time.perf_counter() - start
+    return profile_report(prof, repeats, wall)
 
-    def counted(event) -> bool:  # on a GPU, kernels only: the CPU ops that launched them carry the same time
-        on_gpu = str(getattr(event, "device_type", "")).endswith("CUDA")
-        return getattr(event, attribute) > 0 and (on_gpu or device != "cuda")
 
-    events = [e for e in prof.key_averages() if counted(e)]
-    total = sum(getattr(e, attribute) for e in events) or 1.0
-    groups = dict.fromkeys([name for name, _ in KERNEL_GROUPS] + ["other"], 0.0)
-    for e in events:
-        group = next((name for name, pattern in KERNEL_GROUPS if re.search(pattern, e.key, re.IGNORECASE)), "other")
-        groups[group] += getattr(e, attribute)
-    unit = "CUDA kernels" if device == "cuda" else "CPU ops"
-    lines = [f"Device time per step: {total / repeats / 1e3:.1f} ms ({unit})", "",
-             "| group | ms/step | share |", "|---|---|---|"]
-    lines += [f"| {g} | {t / repeats / 1e3:.2f} | {t / total:.1%} |" for g, t in groups.items()]
-    lines += ["", "| kernel | calls/step | ms/step | share |", "|---|---|---|---|"]
-    for e in sorted(events, key=lambda e: -getattr(e, attribute))[:25]:
-        lines.append(f"| `{e.key[:90]}` | {e.count / repeats:g} | {getattr(e, attribute) / repeats / 1e3:.2f} | "
-                     f"{getattr(e, attribute) / total:.1%} |")
-    return "\n".join(lines)
+def sync_table(step, device: str) -> str:
+    """One `step()` under sync debug mode: where the host waited for the GPU (sft/host_syncs.py)."""
+    if device != "cuda":
+        return "sync debugging needs CUDA (torch.cuda.set_sync_debug_mode); skipped on this CPU run"
+    from sft.host_syncs import host_syncs_table, record_host_syncs
+    return host_syncs_table(record_host_syncs(step))
 
 
 def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
-            preset: str = "qwen3-30b-a3b", profile: bool = False) -> dict:
+            preset: str = "qwen3-30b-a3b", profile: bool = False, sync_debug: bool = False) -> dict:
     import torch
     from monkey_patch import apply_patches
     from sft.metrics import flops_per_token
@@ -172,6 +159,12 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         table = profile_table(lambda: train_step(batches[-1]), repeats=3, device=device)
         print(f"PROFILE {stack}\n{table}", flush=True)
         save_to_out(f"profile_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens\n\n{table}")
+    if sync_debug:  # last: sync debug mode slows every CUDA call it checks
+        syncs = sync_table(lambda: train_step(batches[-1]), device)
+        print(f"SYNC {stack}\n{syncs}", flush=True)
+        if device == "cuda":
+            save_to_out(f"sync_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens; the "
+                        f"bench's own loss.item() is one of the syncs\n\n{syncs}")
     seconds = statistics.median(times[warmup:])
     tokens = statistics.median(real_tokens[warmup:])
     tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
@@ -213,15 +206,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak_tflops", type=float, default=790.0)
     parser.add_argument("--profile", action="store_true", help="after timing, profile 3 more steps of each stack: "
-                        "device time per kernel group and the top kernels, printed and saved as profile_<stack>.md")
+                        "wall, kernel time per group (communication apart), GPU idle and the top kernels, printed and "
+                        "saved as profile_<stack>.md")
+    parser.add_argument("--sync_debug", action="store_true", help="after timing, run one more step under "
+                        "torch.cuda.set_sync_debug_mode('warn'): where the host waits for the GPU, counted by call "
+                        "site, printed and saved as sync_<stack>.md (CUDA only; skipped on a CPU)")
     parser.add_argument("--timeout_per_stack", type=float, default=900.0, help="seconds before a stack is abandoned")
     args = parser.parse_args()
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
              "--micro_batch", str(args.micro_batch), "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops),
-             *(["--profile"] if args.profile else [])]
+             *(["--profile"] if args.profile else []), *(["--sync_debug"] if args.sync_debug else [])]
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
-                                             args.peak_tflops, args.preset, args.profile)), flush=True)
+                                             args.peak_tflops, args.preset, args.profile,
+                                             args.sync_debug)), flush=True)
         return
     results = []
     for stack in args.stacks.split(","):
@@ -234,8 +232,9 @@ def main() -> None:
             results.append({"stack": stack, "error": f"timed out after {args.timeout_per_stack} s"})
             continue
         found = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        if args.profile and "PROFILE " in run.stdout:
-            print(run.stdout[run.stdout.index("PROFILE "):].split("\nRESULT ")[0], flush=True)
+        marks = [run.stdout.index(mark) for mark in ("PROFILE ", "SYNC ") if mark in run.stdout]
+        if marks:  # the profile and sync tables the stack printed before its result
+            print(run.stdout[min(marks):].split("\nRESULT ")[0], flush=True)
         results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})
         print(json.dumps(results[-1]), flush=True)
     report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n"

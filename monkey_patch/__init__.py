@@ -60,11 +60,12 @@ def resolve_compile_layers(requested: str, fp8: bool, sharding: str | None = Non
 def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
                   attn_implementation: str = "auto", fp8: bool = False, fp8_recipe: str = "tensorwise",
                   fp8_experts: bool = True, compile_layers: str = "auto", device: torch.device | str | None = None,
-                  sharding: str | None = None) -> dict:
+                  sharding: str | None = None, ce_chunk_tokens: int = 2048) -> dict:
     """Apply the patches to `model` in place; returns what was chosen, for the log.
 
     `device` is where the model will train (the Trainer moves it there later); default: CUDA if available.
     `sharding` is the backend that will shard the model ("fsdp", "deepspeed") or None.
+    `ce_chunk_tokens` sizes the chunks of Liger's fused linear cross-entropy (monkey_patch/liger.py); 0 keeps Liger's.
     """
     from monkey_patch.liger import apply_liger
     from monkey_patch.packed_attention import choose_attention
@@ -81,8 +82,10 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     else:
         model.set_experts_implementation(applied["moe_kernel"])
     if applied["liger"] or applied["moe_kernel"] == "liger":
+        chunk = ce_chunk_tokens if applied["liger"] and ce_chunk_tokens > 0 else None
         apply_liger(model, rope=applied["liger"], rms_norm=applied["liger"],
-                    fused_linear_cross_entropy=applied["liger"], experts=applied["moe_kernel"] == "liger")
+                    fused_linear_cross_entropy=applied["liger"], experts=applied["moe_kernel"] == "liger",
+                    ce_chunk_tokens=chunk)
     applied["attn_implementation"] = choose_attention(attn_implementation, device)
     model.set_attn_implementation(applied["attn_implementation"])
     if fp8:

@@ -65,6 +65,10 @@ class PatchArguments:
     liger: str = field(default="auto", metadata={
         "help": "Liger rope, rms_norm and fused linear cross-entropy: auto turns them on where CUDA is available.",
         "choices": ["auto", "true", "false"]})
+    ce_chunk_tokens: int = field(default=2048, metadata={
+        "help": "Tokens per chunk of Liger's fused linear cross-entropy (with --liger): 2048 keeps the lm_head "
+                "gradient GEMMs efficient for 0.6 GB of transient logits at a 151,936 vocabulary; 0 keeps Liger's "
+                "own sizing (128 tokens at Qwen3-30B-A3B shapes)."})
     fp8: bool = field(default=False, metadata={
         "help": "Selective FP8 training (monkey_patch/fp8.py says what stays bf16 and why); needs SM89 or newer."})
     fp8_recipe: str = field(default="tensorwise", metadata={
@@ -79,6 +83,13 @@ class PatchArguments:
         "choices": ["auto", "true", "false"]})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak dense bf16 TFLOP/s of one device, for MFU; detected from the GPU name when not given."})
+    profile_steps: int = field(default=0, metadata={
+        "help": "Profile this many optimizer steps with torch.profiler (0: off): every rank writes "
+                "output_dir/profile_rank<R>.md with wall, compute and communication kernel time, GPU idle per step, "
+                "time per kernel group and the top kernels (sft/profiling.py)."})
+    profile_warmup_steps: int = field(default=3, metadata={
+        "help": "With --profile_steps: steps run before the profiled ones (compilation, allocator and autotuning "
+                "warm-up stay out of the profile)."})
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, PatchArguments, TrainingArguments)

@@ -21,15 +21,20 @@ def run(*command, tmp_path):
 
 def test_train_step_bench(tmp_path):
     out = run("bench/train_step.py", "--preset", "tiny", "--layers", "2", "--seq", "256", "--steps", "2",
-              "--stacks", "transformers", "--profile", tmp_path=tmp_path)
+              "--stacks", "transformers", "--profile", "--sync_debug", tmp_path=tmp_path)
     assert "| transformers | " in out and "error" not in out
     assert (tmp_path / "train_step.md").exists()
     profile = (tmp_path / "profile_transformers.md").read_text()
-    assert "| GEMM (cuBLAS / grouped) |" in profile and "aten::" in profile  # CPU ops stand in for kernels here
+    for row in ["| wall |", "| compute CPU ops |", "| GEMM (cuBLAS / grouped) |", "| `aten::"]:  # CPU ops for kernels
+        assert row in profile, row
+    assert "sync debugging needs CUDA" in out and not (tmp_path / "sync_transformers.md").exists()
 
 
 def test_sft_run_bench(tmp_path):
     out = run("bench/sft_run.py", "--gpus", "0", "--preset", "tiny", "--recipe", "config/recipes/tiny.yaml",
               "--layers", "2", "--seq", "256", "--rows", "baseline,packed", "--steps", "4", "--backends", "fsdp",
-              tmp_path=tmp_path)
+              "--extra_flags", "--profile_steps 2 --profile_warmup_steps 1", tmp_path=tmp_path)
     assert "| fsdp | baseline | " in out and "| fsdp | packed | " in out and "error" not in out
+    for row in ("baseline", "packed"):  # each run's rank-0 profile, printed after its row and copied to $OUT
+        assert f"PROFILE fsdp {row}\nProfile of steps 2-3" in out
+        assert "| compute CPU ops |" in (tmp_path / f"profile_fsdp_{row}.md").read_text()

@@ -77,3 +77,17 @@ def test_resume_continues_the_same_run(trained, tmp_path):
     resumed = load_file(str(tmp_path / "model.safetensors"))
     for key, value in uninterrupted.items():
         torch.testing.assert_close(resumed[key], value, atol=0, rtol=0)
+
+
+def test_profile_steps_writes_a_report(tmp_path):
+    """--profile_steps through the CLI: after 1 warm-up step, steps 2-3 profiled, the report beside the metrics."""
+    run = train(tmp_path, "--max_steps", "4", "--profile_steps", "2", "--profile_warmup_steps", "1",
+                "--save_strategy", "no", "--save_final_model", "false")
+    report = (tmp_path / "profile_rank0.md").read_text()
+    assert report.startswith("Profile of steps 2-3 (2 steps profiled), rank 0, world size 1")
+    what = "kernels" if torch.cuda.is_available() else "CPU ops"  # CPU ops stand in for kernels on a CPU
+    for row in ["| wall |", f"| compute {what} |", f"| communication {what} |", "| GEMM (cuBLAS / grouped) |",
+                "| kernel | calls/step |"]:
+        assert row in report, row
+    assert "Optimizer.step#" not in report.split("left out.")[1]  # the annotation around the optimizer's ops
+    assert "profile of steps 2-3, rank 0: wall" in run.stdout

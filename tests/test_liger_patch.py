@@ -4,7 +4,9 @@ CPU: the wiring (no kernel runs), the aux loss through Liger's own lce_forward o
 torch CE), and Liger's real RoPE + fused-linear-CE Triton kernels under TRITON_INTERPRET=1 in a subprocess (its
 RMSNorm and LigerExperts kernels do not run in the interpreter). GPU (skipped on CPU): every kernel, every flag.
 """
+import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 from transformers.models.qwen3_moe import modeling_qwen3_moe as mod
 
-from monkey_patch.liger import apply_liger, liger_flags
+from monkey_patch.liger import apply_liger, liger_chunk_mem_const, liger_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 COEF = 0.5  # large, so that a dropped or doubled aux term moves the loss far beyond tolerance
@@ -41,9 +43,12 @@ def build(seed=0, device="cpu", **overrides):
 @pytest.fixture(autouse=True)
 def stock_module(monkeypatch):
     """Liger's rope swap is process-wide: put the module's attributes back after each test."""
+    from liger_kernel.transformers.model import qwen3_moe as liger_qwen3_moe
+
     for name in ("apply_rotary_pos_emb", "Qwen3MoeRMSNorm", "Qwen3MoeExperts"):
         monkeypatch.setattr(mod, name, getattr(mod, name))
     monkeypatch.setattr(mod.Qwen3MoeForCausalLM, "forward", mod.Qwen3MoeForCausalLM.forward)
+    monkeypatch.setattr(liger_qwen3_moe, "LigerForCausalLMLoss", liger_qwen3_moe.LigerForCausalLMLoss)  # ce chunks
 
 
 def hand_loss(logits, labels, router_logits, top_k, num_experts, mask=None):
@@ -72,7 +77,8 @@ def test_wiring(flags):
     model = build()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     apply_liger(model, **flags)
-    on = {**dict(rope=True, rms_norm=True, fused_linear_cross_entropy=True, experts=False), **flags}
+    on = {**dict(rope=True, rms_norm=True, fused_linear_cross_entropy=True, experts=False, ce_chunk_tokens=None),
+          **flags}
     assert liger_flags(model) == on
 
     def bound(module, fn):
@@ -111,6 +117,54 @@ def test_unsupported_setups_raise_with_a_fix():
         apply_liger(model, experts=True)
     with pytest.raises(TypeError, match="Qwen3MoeForCausalLM"):
         apply_liger(model.model)
+
+
+# ---- fused-CE chunk size (CPU: Liger's chunk rule, and what reaches its loss) ------------------------------------
+
+def liger_chunk_tokens(tokens, vocab, hidden, const):
+    """Liger 0.8.5's chunk size (ops/fused_linear_cross_entropy.py), written out independently."""
+    inc = -(-vocab // (const * hidden))
+    return min(2 ** math.ceil(math.log2(-(-tokens // inc))), tokens)
+
+
+@pytest.mark.parametrize("tokens,vocab,hidden,want", [(8192, 151936, 2048, 2048), (32768, 151936, 2048, 2048),
+                                                      (8192, 151936, 4096, 2048), (1000, 151936, 2048, 1000),
+                                                      (48, 256, 32, 32)])
+def test_chunk_budget_gives_the_asked_chunk(tokens, vocab, hidden, want):
+    const = liger_chunk_mem_const(tokens, vocab, hidden, chunk_tokens=2048 if vocab > 256 else 32)
+    assert liger_chunk_tokens(tokens, vocab, hidden, const) == want
+    assert const == 1 or liger_chunk_tokens(tokens, vocab, hidden, const - 1) < want  # the smallest such budget
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_chunk_budget_reaches_liger_loss(monkeypatch, chunk):
+    """Training mode on the CPU, Liger's fused-CE function replaced by a plain-torch spy: the loss stays the stock
+    model's, and chunk_mem_const arrives as computed (absent: Liger's default) through Liger's own lce_forward."""
+    import liger_kernel.transformers.functional as liger_functional
+
+    real, seen = liger_functional.liger_fused_linear_cross_entropy, []
+
+    @functools.wraps(real)  # LigerForCausalLMLoss filters its kwargs by this signature
+    def spy(input, weight, target, reduction="mean", ignore_index=-100, chunk_mem_const=1, **kwargs):
+        seen.append(chunk_mem_const)
+        return F.cross_entropy(input @ weight.t(), target, ignore_index=ignore_index, reduction=reduction)
+
+    monkeypatch.setattr(liger_functional, "liger_fused_linear_cross_entropy", spy)
+    stock, patched = build(), build()
+    apply_liger(patched, rope=False, rms_norm=False, ce_chunk_tokens=chunk)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    out, ref = patched(input_ids=ids, labels=ids), stock(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, ref.loss)
+    assert seen == [1 if chunk is None else 4]  # 48 tokens, V=256, H=32: budget 4 gives 32-token chunks
+
+
+def test_chunk_size_is_one_per_process():
+    apply_liger(build(), rope=False, rms_norm=False, ce_chunk_tokens=32)
+    apply_liger(build(), rope=False, rms_norm=False, ce_chunk_tokens=32)  # the same size again: fine
+    with pytest.raises(ValueError, match="process-wide"):
+        apply_liger(build(), rope=False, rms_norm=False, ce_chunk_tokens=64)
+    with pytest.raises(ValueError, match="needs fused_linear_cross_entropy"):
+        apply_liger(build(), fused_linear_cross_entropy=False, ce_chunk_tokens=32)
 
 
 # ---- aux loss through Liger's forward (CPU: its logits path, plain torch CE) ------------------------------------
@@ -175,17 +229,21 @@ def check_same_loss(r, tol):
     assert r["grad_rel"] < 10 * tol, r
 
 
-def test_real_rope_and_fused_ce_kernels_interpreted_on_cpu():
+@pytest.mark.parametrize("chunk", [None, 32], ids=["liger-chunks", "32-token-chunks"])
+def test_real_rope_and_fused_ce_kernels_interpreted_on_cpu(chunk):
     """TRITON_INTERPRET=1 runs the Triton kernels on the CPU (fp32 only; numpy < 2.4). Measured: identical loss,
-    gradients within 3e-7 relative. A subprocess, because the interpreter is chosen when triton.jit runs."""
+    gradients within 3e-7 relative. A subprocess, because the interpreter is chosen when triton.jit runs.
+    48 tokens: Liger's own sizing makes 6 chunks of 8 tokens, ce_chunk_tokens=32 two chunks."""
     import numpy
     if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("TRITON_INTERPRET=1 needs numpy < 2.4")
-    check_same_loss(run_compare("cpu", dict(rms_norm=False), env={"TRITON_INTERPRET": "1"}), 1e-5)
+    flags = dict(rms_norm=False, ce_chunk_tokens=chunk)
+    check_same_loss(run_compare("cpu", flags, env={"TRITON_INTERPRET": "1"}), 1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels run on CUDA only")
-@pytest.mark.parametrize("experts", [False, True], ids=["stock-experts", "liger-experts"])
-def test_gpu_all_kernels_same_loss_and_aux(experts):
+@pytest.mark.parametrize("experts,chunk", [(False, None), (True, None), (False, 32)],
+                         ids=["stock-experts", "liger-experts", "32-token-chunks"])
+def test_gpu_all_kernels_same_loss_and_aux(experts, chunk):
     """fp32, TF32 off in torch; Liger's kernels may still use TF32 in tl.dot (LigerExperts): 1e-3 relative."""
-    check_same_loss(run_compare("cuda", dict(experts=experts)), 1e-3)
+    check_same_loss(run_compare("cuda", dict(experts=experts, ce_chunk_tokens=chunk)), 1e-3)
