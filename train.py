@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     on_gpu = training_args.device.type == "cuda" and not is_deepspeed_zero3_enabled()
     model = load_model(model_args.model_name_or_path, dtype=getattr(torch, model_args.model_dtype),
                        seed=training_args.seed, config_overrides=overrides,
-                       init_device=training_args.device if on_gpu else None)
+                       init_device=training_args.device if on_gpu else None,
+                       upcast_by_accelerate=training_args.bf16 or training_args.fp16)
     logger.info("model %s: %s parameters on %s", model_args.model_name_or_path,
                 f"{sum(p.numel() for p in model.parameters()):,}", next(model.parameters()).device)
     apply_patches(model, moe_kernel=patch_args.moe_kernel, liger=patch_args.liger,

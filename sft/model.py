@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Qwen3MoeConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
+                          Qwen3MoeConfig)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "config" / "models"
 
@@ -55,16 +56,58 @@ def load_tokenizer(name_or_path: str, tokenizer_name_or_path: str | None = None)
     return tokenizer
 
 
+def weights_come_from_rank_zero() -> bool:
+    """True on the ranks whose weights accelerate's FSDP `cpu_ram_efficient_loading` overwrites during `prepare` with
+    rank 0's (transformers' own test for it: FSDP enabled through accelerate's environment, not local rank 0)."""
+    from transformers.distributed.utils import is_local_dist_rank_0
+    from transformers.integrations import is_fsdp_enabled
+
+    return is_fsdp_enabled() and not is_local_dist_rank_0()
+
+
+def placeholder_model(config, dtype: torch.dtype, param_dtype: torch.dtype, **kwargs) -> PreTrainedModel:
+    """The model of `config` for a rank that receives its weights from rank 0: every parameter an uninitialised CPU
+    tensor of `param_dtype`, every buffer computed as usual (accelerate keeps this rank's non-persistent buffers,
+    such as RoPE's inv_freq).
+
+    Why: transformers 5.17 fills such a rank's parameters with `torch.zeros_like` on the CPU, which commits the whole
+    model to host memory on every rank, and accelerate 1.15 then upcasts them to fp32 before sharding: for
+    Qwen3-30B-A3B, ~122 GB per rank, ~850 GB for the 7 non-zero ranks of an 8-GPU node (the transformers side is
+    transformers PR #45649). Pages of `torch.empty` are not backed by memory until written, and nothing writes these
+    before accelerate moves the model to "meta"; fp32 when accelerate will upcast (`param_dtype`) skips the upcast
+    too. Real, not "meta", tensors: the Trainer builds the FSDP2 optimizer before `prepare`, and accelerate re-points
+    it at the sharded parameters by `data_ptr`, which is 0 for every meta tensor.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on "meta", buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            empty = torch.empty(param.shape, dtype=param_dtype, device="cpu")
+            module.register_parameter(name, torch.nn.Parameter(empty, requires_grad=param.requires_grad))
+    model.tie_weights()
+    return model
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                config_overrides: dict | None = None, init_device: torch.device | str | None = None,
-               **from_pretrained_kwargs) -> PreTrainedModel:
+               upcast_by_accelerate: bool = False, **from_pretrained_kwargs) -> PreTrainedModel:
     """A preset (random init from `seed`) or `from_pretrained(name_or_path)`; `use_cache=False` for training.
 
     `init_device`: presets only, where the random weights are drawn (a GPU draws 30B in seconds, a CPU takes
     minutes). `from_pretrained_kwargs` (e.g. attn_implementation, experts_implementation) reach both paths.
+    On the ranks that accelerate's FSDP fills from rank 0 (`weights_come_from_rank_zero`) neither happens: they get
+    a `placeholder_model`, fp32 if `upcast_by_accelerate` (mixed precision: accelerate upcasts the weights to fp32).
     """
     overrides = dict(config_overrides or {}, use_cache=False)
-    if is_preset(name_or_path):
+    preset = is_preset(name_or_path)
+    if weights_come_from_rank_zero():
+        config = (preset_config(name_or_path, **overrides) if preset
+                  else AutoConfig.from_pretrained(name_or_path, **overrides))
+        return placeholder_model(config, dtype, torch.float32 if upcast_by_accelerate else dtype,
+                                 **from_pretrained_kwargs)
+    if preset:
         config = preset_config(name_or_path, **overrides)
         torch.manual_seed(seed)
         with torch.device(init_device) if init_device is not None else contextlib.nullcontext():
