@@ -29,7 +29,7 @@ from sft.callbacks import EfficiencyCallback, ProfilerCallback, add_efficiency_c
 from sft.collate import PackedCollator, PaddedCollator, mean_causal_context, pack_examples  # noqa: E402
 from sft.data import DataError, load_conversations  # noqa: E402
 from sft.metrics import detect_peak_tflops, flops_per_token  # noqa: E402
-from sft.model import load_model, load_tokenizer  # noqa: E402
+from sft.model import fsdp_rank_zero_loading, load_model, load_tokenizer  # noqa: E402
 from sft.render import tokenize_conversations  # noqa: E402
 from sft.trainer import SFTTrainer, prepare_training_args, resolve_resume, sharding_backend  # noqa: E402
 
@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
                        seed=training_args.seed, config_overrides=overrides,
                        init_device=training_args.device if on_gpu else None,
                        upcast_by_accelerate=training_args.bf16 or training_args.fp16)
+    if fsdp_rank_zero_loading():
+        # Rank 0's weights only feed accelerate's broadcast, and accelerate keeps a full fp32 copy of them while it
+        # shards: on the GPU that is 114 GiB for Qwen3-30B-A3B beside the shards. On the CPU (where from_pretrained
+        # leaves a checkpoint's weights in this case too; other ranks hold CPU placeholders) the GPU holds only shards.
+        model.to("cpu")
     logger.info("model %s: %s parameters on %s", model_args.model_name_or_path,
                 f"{sum(p.numel() for p in model.parameters()):,}", next(model.parameters()).device)
     apply_patches(model, moe_kernel=patch_args.moe_kernel, liger=patch_args.liger,

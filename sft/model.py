@@ -56,13 +56,20 @@ def load_tokenizer(name_or_path: str, tokenizer_name_or_path: str | None = None)
     return tokenizer
 
 
-def weights_come_from_rank_zero() -> bool:
-    """True on the ranks whose weights accelerate's FSDP `cpu_ram_efficient_loading` overwrites during `prepare` with
-    rank 0's (transformers' own test for it: FSDP enabled through accelerate's environment, not local rank 0)."""
-    from transformers.distributed.utils import is_local_dist_rank_0
+def fsdp_rank_zero_loading() -> bool:
+    """accelerate's FSDP with `cpu_ram_efficient_loading` (config/accelerate/fsdp2.yaml): during `prepare` rank 0
+    broadcasts its weights to every rank (transformers' own test for it, from accelerate's environment)."""
     from transformers.integrations import is_fsdp_enabled
 
-    return is_fsdp_enabled() and not is_local_dist_rank_0()
+    return is_fsdp_enabled()
+
+
+def weights_come_from_rank_zero() -> bool:
+    """True on the ranks that `fsdp_rank_zero_loading` fills with rank 0's weights. Local rank 0 of every node loads
+    real weights, as transformers' from_pretrained does (only global rank 0's are sent)."""
+    from transformers.distributed.utils import is_local_dist_rank_0
+
+    return fsdp_rank_zero_loading() and not is_local_dist_rank_0()
 
 
 def placeholder_model(config, dtype: torch.dtype, param_dtype: torch.dtype, **kwargs) -> PreTrainedModel:
