@@ -119,8 +119,34 @@ def sync_table(step, device: str) -> str:
     return host_syncs_table(record_host_syncs(step))
 
 
+def trace_table(step, stack: str, device: str) -> str:
+    """One `step()` recorded with Python stacks: where the GPU waited for the host (bench/idle_gaps.py). The trace
+    itself goes to $OUT/trace_<stack>.json.gz, for `python bench/idle_gaps.py` or chrome://tracing."""
+    import gzip
+    import shutil
+    import tempfile
+
+    from torch.profiler import profile
+
+    from bench.idle_gaps import find_gaps, gap_table, load_trace
+    from sft.profiling import profiler_activities
+
+    with profile(activities=profiler_activities(device == "cuda"), with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(raw)
+        gaps, window = find_gaps(load_trace(raw))
+        if os.environ.get("OUT"):
+            with open(raw, "rb") as src, gzip.open(os.path.join(os.environ["OUT"], f"trace_{stack}.json.gz"),
+                                                   "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return gap_table(gaps, window)
+
+
 def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
-            preset: str = "qwen3-30b-a3b", profile: bool = False, sync_debug: bool = False) -> dict:
+            preset: str = "qwen3-30b-a3b", profile: bool = False, sync_debug: bool = False,
+            trace: bool = False) -> dict:
     import torch
     from monkey_patch import apply_patches
     from sft.metrics import flops_per_token
@@ -159,6 +185,11 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         table = profile_table(lambda: train_step(batches[-1]), repeats=3, device=device)
         print(f"PROFILE {stack}\n{table}", flush=True)
         save_to_out(f"profile_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens\n\n{table}")
+    if trace:
+        gaps = trace_table(lambda: train_step(batches[-1]), stack, device)
+        print(f"TRACE {stack}\n{gaps}", flush=True)
+        save_to_out(f"idle_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens: one step, "
+                    f"recorded with Python stacks (bench/idle_gaps.py)\n\n{gaps}")
     if sync_debug:  # last: sync debug mode slows every CUDA call it checks
         syncs = sync_table(lambda: train_step(batches[-1]), device)
         print(f"SYNC {stack}\n{syncs}", flush=True)
@@ -211,15 +242,19 @@ def main() -> None:
     parser.add_argument("--sync_debug", action="store_true", help="after timing, run one more step under "
                         "torch.cuda.set_sync_debug_mode('warn'): where the host waits for the GPU, counted by call "
                         "site, printed and saved as sync_<stack>.md (CUDA only; skipped on a CPU)")
+    parser.add_argument("--trace", action="store_true", help="after timing, record one more step with Python stacks: "
+                        "the GPU's idle gaps, each blamed on the host code that launched the kernel ending it "
+                        "(bench/idle_gaps.py), printed and saved as idle_<stack>.md, the trace as trace_<stack>.json.gz")
     parser.add_argument("--timeout_per_stack", type=float, default=900.0, help="seconds before a stack is abandoned")
     args = parser.parse_args()
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
              "--micro_batch", str(args.micro_batch), "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops),
-             *(["--profile"] if args.profile else []), *(["--sync_debug"] if args.sync_debug else [])]
+             *(["--profile"] if args.profile else []), *(["--sync_debug"] if args.sync_debug else []),
+             *(["--trace"] if args.trace else [])]
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
-                                             args.peak_tflops, args.preset, args.profile,
-                                             args.sync_debug)), flush=True)
+                                             args.peak_tflops, args.preset, args.profile, args.sync_debug,
+                                             args.trace)), flush=True)
         return
     results = []
     for stack in args.stacks.split(","):
@@ -232,8 +267,8 @@ def main() -> None:
             results.append({"stack": stack, "error": f"timed out after {args.timeout_per_stack} s"})
             continue
         found = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        marks = [run.stdout.index(mark) for mark in ("PROFILE ", "SYNC ") if mark in run.stdout]
-        if marks:  # the profile and sync tables the stack printed before its result
+        marks = [run.stdout.index(mark) for mark in ("PROFILE ", "TRACE ", "SYNC ") if mark in run.stdout]
+        if marks:  # the profile, idle and sync tables the stack printed before its result
             print(run.stdout[min(marks):].split("\nRESULT ")[0], flush=True)
         results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})
         print(json.dumps(results[-1]), flush=True)

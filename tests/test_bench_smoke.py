@@ -21,13 +21,15 @@ def run(*command, tmp_path):
 
 def test_train_step_bench(tmp_path):
     out = run("bench/train_step.py", "--preset", "tiny", "--layers", "2", "--seq", "256", "--steps", "2",
-              "--stacks", "transformers", "--profile", "--sync_debug", tmp_path=tmp_path)
+              "--stacks", "transformers", "--profile", "--sync_debug", "--trace", tmp_path=tmp_path)
     assert "| transformers | " in out and "error" not in out
     assert (tmp_path / "train_step.md").exists()
     profile = (tmp_path / "profile_transformers.md").read_text()
     for row in ["| wall |", "| compute CPU ops |", "| GEMM (cuBLAS / grouped) |", "| `aten::"]:  # CPU ops for kernels
         assert row in profile, row
     assert "sync debugging needs CUDA" in out and not (tmp_path / "sync_transformers.md").exists()
+    assert "TRACE transformers\nno GPU kernels in the trace" in out  # a CPU trace: the idle table has nothing to say
+    assert (tmp_path / "idle_transformers.md").exists() and (tmp_path / "trace_transformers.json.gz").stat().st_size
 
 
 def test_sft_run_bench(tmp_path):
