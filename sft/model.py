@@ -108,14 +108,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, seed: int
     a `placeholder_model`, fp32 if `upcast_by_accelerate` (mixed precision: accelerate upcasts the weights to fp32).
     """
     overrides = dict(config_overrides or {}, use_cache=False)
-    preset = is_preset(name_or_path)
+    config = preset_config(name_or_path, **overrides) if is_preset(name_or_path) else None
     if weights_come_from_rank_zero():
-        config = (preset_config(name_or_path, **overrides) if preset
-                  else AutoConfig.from_pretrained(name_or_path, **overrides))
+        config = config or AutoConfig.from_pretrained(name_or_path, **overrides)
         return placeholder_model(config, dtype, torch.float32 if upcast_by_accelerate else dtype,
                                  **from_pretrained_kwargs)
-    if preset:
-        config = preset_config(name_or_path, **overrides)
+    if config is not None:  # a preset
         torch.manual_seed(seed)
         with torch.device(init_device) if init_device is not None else contextlib.nullcontext():
             return AutoModelForCausalLM.from_config(config, dtype=dtype, **from_pretrained_kwargs)
