@@ -81,6 +81,9 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
         model.set_experts_implementation("eager")  # LigerExperts replaces the experts modules outright
     else:
         model.set_experts_implementation(applied["moe_kernel"])
+    if ce_chunk_tokens < 0:
+        raise PatchError(f"--ce_chunk_tokens {ce_chunk_tokens}: a token count per fused cross-entropy chunk (default "
+                         "2048), or 0 for Liger's own sizing")
     if applied["liger"] or applied["moe_kernel"] == "liger":
         chunk = ce_chunk_tokens if applied["liger"] and ce_chunk_tokens > 0 else None
         apply_liger(model, rope=applied["liger"], rms_norm=applied["liger"],

@@ -119,4 +119,9 @@ def parse_arguments(argv: list[str] | None = None):
         if at + 1 >= len(argv):
             raise SystemExit("--config needs a recipe path, e.g. --config config/recipes/tiny_cpu.yaml")
         argv = recipe_to_flags(argv[at + 1]) + argv[:at] + argv[at + 2:]
-    return HfArgumentParser(ALL_ARGUMENTS).parse_args_into_dataclasses(args=argv)
+    parsed = HfArgumentParser(ALL_ARGUMENTS).parse_args_into_dataclasses(args=argv)
+    patch_args = parsed[2]
+    for flag in ("profile_steps", "profile_warmup_steps"):
+        if getattr(patch_args, flag) < 0:
+            raise SystemExit(f"--{flag} {getattr(patch_args, flag)}: a number of steps, 0 or more")
+    return parsed

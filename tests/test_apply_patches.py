@@ -52,6 +52,7 @@ def test_fp8_switches_our_experts_to_their_fp8_kernel(monkeypatch, fp8_experts, 
     ({"liger": "true"}, "--liger true needs a CUDA GPU"),
     ({"moe_kernel": "liger"}, "--moe_kernel liger needs a CUDA GPU"),
     ({"compile_layers": "maybe"}, "--compile_layers 'maybe'"),
+    ({"ce_chunk_tokens": -1}, "--ce_chunk_tokens -1: a token count"),
     ({"fp8": True}, "compute capability 8.9 or newer"),
 ])
 def test_setups_this_machine_cannot_run_are_named(model, flags, message):

@@ -84,3 +84,10 @@ def test_cli_exits_non_zero_with_the_error_on_stderr(tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True)
     assert run.returncode == 2
     assert f"error: {path}:line 2: missing field 'output'" in run.stderr
+
+
+@pytest.mark.parametrize("flag", ["--profile_steps", "--profile_warmup_steps"])
+def test_negative_step_counts_are_named(flag):
+    from sft.arguments import parse_arguments
+    with pytest.raises(SystemExit, match=f"{flag} -1: a number of steps, 0 or more"):
+        parse_arguments([flag, "-1"])
