@@ -146,7 +146,7 @@ def trace_table(step, stack: str, device: str) -> str:
 
 def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
             preset: str = "qwen3-30b-a3b", profile: bool = False, sync_debug: bool = False,
-            trace: bool = False) -> dict:
+            trace: bool = False, memory: bool = False) -> dict:
     import torch
     from monkey_patch import apply_patches
     from sft.metrics import flops_per_token
@@ -190,6 +190,13 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         print(f"TRACE {stack}\n{gaps}", flush=True)
         save_to_out(f"idle_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens: one step, "
                     f"recorded with Python stacks (bench/idle_gaps.py)\n\n{gaps}")
+    if memory:
+        from bench.memory_peak import record_peak
+        held = (record_peak(lambda: train_step(batches[-1]), model, optimizer) if device == "cuda" else
+                "the allocator trace needs CUDA (torch.cuda.memory._record_memory_history); skipped on this CPU run")
+        print(f"MEMORY {stack}\n{held}", flush=True)
+        save_to_out(f"memory_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens: one step's "
+                    f"allocator trace at its peak (bench/memory_peak.py)\n\n{held}")
     if sync_debug:  # last: sync debug mode slows every CUDA call it checks
         syncs = sync_table(lambda: train_step(batches[-1]), device)
         print(f"SYNC {stack}\n{syncs}", flush=True)
@@ -245,16 +252,19 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="after timing, record one more step with Python stacks: "
                         "the GPU's idle gaps, each blamed on the host code that launched the kernel ending it "
                         "(bench/idle_gaps.py), printed and saved as idle_<stack>.md, the trace as trace_<stack>.json.gz")
+    parser.add_argument("--memory", action="store_true", help="after timing, record one more step's CUDA allocator "
+                        "trace: what is live at its memory peak, grouped by the frames that allocated it "
+                        "(bench/memory_peak.py), printed and saved as memory_<stack>.md (CUDA only)")
     parser.add_argument("--timeout_per_stack", type=float, default=900.0, help="seconds before a stack is abandoned")
     args = parser.parse_args()
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
              "--micro_batch", str(args.micro_batch), "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops),
              *(["--profile"] if args.profile else []), *(["--sync_debug"] if args.sync_debug else []),
-             *(["--trace"] if args.trace else [])]
+             *(["--trace"] if args.trace else []), *(["--memory"] if args.memory else [])]
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
                                              args.peak_tflops, args.preset, args.profile, args.sync_debug,
-                                             args.trace)), flush=True)
+                                             args.trace, args.memory)), flush=True)
         return
     results = []
     for stack in args.stacks.split(","):
@@ -267,8 +277,8 @@ def main() -> None:
             results.append({"stack": stack, "error": f"timed out after {args.timeout_per_stack} s"})
             continue
         found = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        marks = [run.stdout.index(mark) for mark in ("PROFILE ", "TRACE ", "SYNC ") if mark in run.stdout]
-        if marks:  # the profile, idle and sync tables the stack printed before its result
+        marks = [run.stdout.index(mark) for mark in ("PROFILE ", "TRACE ", "MEMORY ", "SYNC ") if mark in run.stdout]
+        if marks:  # the profile, idle, memory and sync tables the stack printed before its result
             print(run.stdout[min(marks):].split("\nRESULT ")[0], flush=True)
         results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})
         print(json.dumps(results[-1]), flush=True)

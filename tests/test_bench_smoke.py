@@ -21,7 +21,7 @@ def run(*command, tmp_path):
 
 def test_train_step_bench(tmp_path):
     out = run("bench/train_step.py", "--preset", "tiny", "--layers", "2", "--seq", "256", "--steps", "2",
-              "--stacks", "transformers", "--profile", "--sync_debug", "--trace", tmp_path=tmp_path)
+              "--stacks", "transformers", "--profile", "--sync_debug", "--trace", "--memory", tmp_path=tmp_path)
     assert "| transformers | " in out and "error" not in out
     assert (tmp_path / "train_step.md").exists()
     profile = (tmp_path / "profile_transformers.md").read_text()
@@ -30,6 +30,7 @@ def test_train_step_bench(tmp_path):
     assert "sync debugging needs CUDA" in out and not (tmp_path / "sync_transformers.md").exists()
     assert "TRACE transformers\nno GPU kernels in the trace" in out  # a CPU trace: the idle table has nothing to say
     assert (tmp_path / "idle_transformers.md").exists() and (tmp_path / "trace_transformers.json.gz").stat().st_size
+    assert "MEMORY transformers\nthe allocator trace needs CUDA" in out
 
 
 def test_sft_run_bench(tmp_path):
