@@ -31,7 +31,8 @@ from sft.data import DataError, load_conversations  # noqa: E402
 from sft.metrics import detect_peak_tflops, flops_per_token  # noqa: E402
 from sft.model import fsdp_rank_zero_loading, load_model, load_tokenizer  # noqa: E402
 from sft.render import tokenize_conversations  # noqa: E402
-from sft.trainer import SFTTrainer, prepare_training_args, resolve_resume, sharding_backend  # noqa: E402
+from sft.trainer import (SFTTrainer, fsdp_checkpoints_activations, prepare_training_args, resolve_resume,  # noqa: E402
+                         sharding_backend)
 
 logger = logging.getLogger("train")
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     prepare_training_args(training_args)
     resume = resolve_resume(training_args)
 
+    if not patch_args.recompute_experts and fsdp_checkpoints_activations(training_args):
+        raise PatchError("--recompute_experts false: the FSDP config's activation_checkpointing recomputes whole decoder "
+                         "layers, experts included; keep --recompute_experts true with it")
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name_or_path)
     # FP8 GEMMs need token counts divisible by 16 (a packed row of 8187 tokens fails in torchao's backward).
     train_dataset, collator, context = build_training_data(data_args, tokenizer, 16 if patch_args.fp8 else None)
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
                   fp8_recipe=patch_args.fp8_recipe, fp8_experts=patch_args.fp8_experts,
                   compile_layers=patch_args.compile_layers, device=training_args.device,
-                  sharding=sharding_backend(training_args), ce_chunk_tokens=patch_args.ce_chunk_tokens)
+                  sharding=sharding_backend(training_args), ce_chunk_tokens=patch_args.ce_chunk_tokens,
+                  recompute_experts=patch_args.recompute_experts)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                          processing_class=tokenizer)

@@ -36,11 +36,14 @@ class Gap:
         return self.end - self.start
 
 
-def load_trace(path: str) -> list[dict]:
+def load_trace(path: str, instants: bool = False) -> list[dict]:
+    """The complete events ("X": ops, frames, kernels, launches) of a chrome trace; with `instants`, also the instant
+    events ("i": the profiler's `[memory]` records)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as file:
         trace = json.load(file)
-    return [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") == "X"]
+    kept = ("X", "i") if instants else ("X",)
+    return [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") in kept]
 
 
 def busy_intervals(device_events: list[dict]) -> list[tuple[float, float]]:

@@ -16,6 +16,7 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
   liger_experts_compiled LigerExperts and compiled layers (failed on packed batches in torch.compile's backward)
   ours                   our experts kernel + Liger (no swiglu; 2,048-token fused-CE chunks) + our packed attention
   ours_liger_ce_chunks   ours with Liger's own fused-CE chunk sizing (128 tokens here), what the chunking gains
+  ours_kept_experts      ours with --recompute_experts false: the experts' activations kept, not recomputed
   ours_compiled          ours with each decoder layer compiled
   ours_fp8               ours + --fp8: dense linears (torchao) and experts (scattermoe_fp8) in FP8, layers compiled
                          (as torchao recommends)
@@ -51,6 +52,7 @@ STACKS = {  # name -> apply_patches arguments
                                    **LIGER_AS_SHIPPED),
     "ours": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"),
     "ours_liger_ce_chunks": dict(moe_kernel="scattermoe", attn_implementation="auto", **LIGER_AS_SHIPPED),
+    "ours_kept_experts": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", recompute_experts=False),
     "ours_compiled": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", compile_layers="true"),
     "ours_fp8": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True),  # compiles too
     "ours_fp8_dense": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True,

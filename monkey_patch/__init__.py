@@ -8,7 +8,9 @@ Order, and why:
   4. FP8: it converts the nn.Linear modules that remain after the swaps above, and switches our experts kernel to
      its FP8 variant (`scattermoe_fp8`) unless `fp8_experts=False`;
   5. torch.compile of each decoder layer last, so it traces the final modules (in place: FSDP still finds the
-     decoder-layer class to wrap).
+     decoder-layer class to wrap);
+  6. with recompute_experts=False, the experts' activations are kept under gradient checkpointing
+     (monkey_patch/kept_experts.py).
 Every step is idempotent and logged; an unsupported combination raises PatchError, whose message says how to fix it.
 """
 from __future__ import annotations
@@ -60,12 +62,14 @@ def resolve_compile_layers(requested: str, fp8: bool, sharding: str | None = Non
 def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
                   attn_implementation: str = "auto", fp8: bool = False, fp8_recipe: str = "tensorwise",
                   fp8_experts: bool = True, compile_layers: str = "auto", device: torch.device | str | None = None,
-                  sharding: str | None = None, ce_chunk_tokens: int = 2048) -> dict:
+                  sharding: str | None = None, ce_chunk_tokens: int = 2048, recompute_experts: bool = True) -> dict:
     """Apply the patches to `model` in place; returns what was chosen, for the log.
 
     `device` is where the model will train (the Trainer moves it there later); default: CUDA if available.
     `sharding` is the backend that will shard the model ("fsdp", "deepspeed") or None.
     `ce_chunk_tokens` sizes the chunks of Liger's fused linear cross-entropy (monkey_patch/liger.py); 0 keeps Liger's.
+    `recompute_experts=False` keeps the experts' activations instead of recomputing them under gradient checkpointing
+    (monkey_patch/kept_experts.py): our experts kernel only, uncompiled layers.
     """
     from monkey_patch.liger import apply_liger
     from monkey_patch.packed_attention import choose_attention
@@ -101,6 +105,13 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     if fp8 and sharding:
         logger.warning("--fp8 under %s runs uncompiled, so torchao's casts are not fused: measured slower than bf16 "
                        "(2 H200s, 8 layers, FSDP2: 18,834 vs 26,426 tokens/s/GPU, bench/results/)", sharding)
+    applied["recompute_experts"] = recompute_experts
+    if not recompute_experts:
+        if applied["moe_kernel"] != "scattermoe" or applied["compile_layers"]:
+            raise PatchError("--recompute_experts false is implemented for our experts kernel in uncompiled layers: use "
+                             "--moe_kernel auto and --compile_layers false, or --recompute_experts true")
+        from monkey_patch.kept_experts import keep_experts_activations
+        keep_experts_activations(model)
     if applied["compile_layers"]:
         for layer in model.model.layers:
             layer.compile()  # idempotent: compiling again replaces the compiled call of the same module

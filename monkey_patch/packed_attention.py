@@ -5,7 +5,8 @@ Under "sdpa" transformers 5.17 detects the restarts (masking_utils.find_packed_s
 block-diagonal mask: 12.6 ms fwd+bwd for one 8192-token row of 4 documents on an H200, against 2.7 ms for
 `varlen_attn` or compiled `flex_attention` (bench/results/baselines_h200_202611.md, attention section). Both our implementations:
   packed or padded batch -> documents only (varlen kernel on the unpadded tokens, or flex with a document BlockMask);
-  one document per row, no padding -> plain causal sdpa (nothing to mask).
+  one document per row, no padding -> plain causal sdpa (nothing to mask); varlen_packed on CUDA keeps the varlen
+  kernel, with each row a document.
 The document layout (cu_seqlens, doc ids, BlockMask) is derived once per forward from position_ids and the 2D padding
 mask and shared by all layers. Importing this module registers the two names; it patches nothing.
 
@@ -149,9 +150,12 @@ def _varlen_kernel(q_TH, k_TK, v_TK, cu_seqlens, max_seqlen, scaling):
         raise RuntimeError("this torch's varlen_attn has no scale argument and the model's scaling is not "
                            "head_dim**-0.5; use attn_implementation='flex_packed'")
     if k_TK.shape[1] != q_TH.shape[1]:
+        # Grouped K/V go to the flash kernel as they are: it reads kv head h // (H // K) for query head h, the order
+        # of transformers' repeat_kv. torch 2.13 wants that said (enable_gqa); 2.11's signature has no flag and takes
+        # the grouped heads as well (tests/test_packed_attention.py, GPU); 2.10's is unverified, so it keeps copies.
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:  # query head h reads kv head h // (H // K), the order of transformers' repeat_kv
+        elif "is_causal" in params:
             rep = q_TH.shape[1] // k_TK.shape[1]
             k_TK, v_TK = k_TK.repeat_interleave(rep, dim=1), v_TK.repeat_interleave(rep, dim=1)
     return fn(q_TH, k_TK, v_TK, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
@@ -180,7 +184,10 @@ def varlen_packed_forward(module, query, key, value, attention_mask, scaling=Non
         token_idx, cu, max_len = None, cu.to(torch.int32), int(max_len)  # DataCollatorWithFlattening's own
     else:
         layout = _cached_layout(position_ids, attention_mask, query)
-        if layout.plain:
+        # On CUDA a row that is one document is a document for the varlen kernel too: sdpa's causal path cost
+        # 0.85 s of host time in one profiled H200 run (py-spy, bench/train_step.py, whose fullest row was a single
+        # 8192-token document), and the flash kernel reads grouped K/V heads as they are.
+        if layout.plain and not query.is_cuda:
             return _plain_causal(query, key, value, scaling), None
         token_idx, cu, max_len = layout.token_idx, layout.cu_seqlens, layout.max_seqlen
     q, k, v = (t.transpose(1, 2).reshape(B * S, t.shape[1], D) for t in (query, key, value))

@@ -17,7 +17,7 @@ def test_cpu_defaults_are_our_kernel_without_liger(model):
     keys = list(model.state_dict())
     applied = apply_patches(model, device="cpu")
     assert applied == {"moe_kernel": "scattermoe", "liger": False, "attn_implementation": "sdpa",
-                       "compile_layers": False}
+                       "compile_layers": False, "recompute_experts": True}
     assert model.config._experts_implementation == "scattermoe"
     assert apply_patches(model, device="cpu") == applied and list(model.state_dict()) == keys
 

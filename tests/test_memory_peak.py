@@ -1,59 +1,78 @@
-"""bench/memory_peak.py on a hand-made CUDA allocator trace (the events `torch.cuda.memory._snapshot()` lists per
-device: alloc / free_requested / free_completed with addresses, sizes and Python frames, innermost first)."""
-from bench.memory_peak import NO_FRAME, find_peak, name_gradients, peak_table
+"""bench/memory_peak.py: on a hand-made chrome trace (the profiler's `[memory]` instant events with the ops and Python
+frames around them, forward thread and autograd thread), and on a real CPU trace of a small backward."""
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.idle_gaps import load_trace
+from bench.memory_peak import find_peak, peak_table
 
 MIB = 2 ** 20
+FORWARD, BACKWARD = dict(pid=1, tid=1), dict(pid=1, tid=2)
+TOTAL = {"now": 100 * MIB}  # allocated before the recording
 
 
-def frames(*names):
-    return [{"filename": f"/site-packages/{path}", "line": line, "name": name} for path, line, name in names]
+def memory(ts, addr, nbytes, thread=FORWARD):
+    TOTAL["now"] += nbytes
+    return dict(ph="i", cat="cpu_instant_event", name="[memory]", ts=ts, **thread,
+                args={"Total Allocated": TOTAL["now"], "Bytes": nbytes, "Addr": addr, "Device Type": 1,
+                      "Device Id": 0})
 
 
-TORCH = ("torch/nn/modules/module.py", 1751, "_call_impl")
-EXPERTS = ("monkey_patch/scattermoe/ops.py", 120, "forward")
-LAYER = ("transformers/models/qwen3_moe/modeling_qwen3_moe.py", 300, "forward")
-LOSS = ("liger_kernel/ops/fused_linear_cross_entropy.py", 90, "fused_linear_cross_entropy_forward")
-
-
-def event(action, addr, size, *where):
-    return {"action": action, "addr": addr, "size": size, "frames": frames(*where)}
+def host(cat, name, ts, dur, thread=FORWARD):
+    return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, **thread)
 
 
 TRACE = [
-    event("alloc", 1, 4 * MIB, TORCH, EXPERTS, LAYER),       # lives through the peak
-    event("alloc", 2, 2 * MIB, LOSS),                        # freed before the peak
-    event("free_requested", 2, 2 * MIB),
-    event("free_completed", 2, 2 * MIB),
-    event("free_completed", 99, 1 * MIB),                    # a tensor older than the recording
-    event("alloc", 3, 8 * MIB, LOSS),                        # at the peak
-    event("alloc", 4, 6 * MIB),                              # frameless, a parameter's size: a gradient
-    event("alloc", 5, 1 * MIB),                              # frameless, no parameter of that size
-    event("free_completed", 3, 8 * MIB),                     # after the peak: does not count
-    event("alloc", 6, 5 * MIB, EXPERTS),                     # net 4+8+6+1-1 = 18 MiB at the peak; 15 here
+    host("python_function", "monkey_patch/scattermoe/ops.py(172): experts_fwd", 0, 100),
+    host("python_function", "torch/autograd/function.py(596): apply", 5, 90),
+    host("cpu_op", "aten::empty", 10, 5),
+    memory(12, 1, 4 * MIB),                                   # our forward: lives through the peak
+    host("python_function", "liger_kernel/ops/fused_linear_cross_entropy.py(90): forward", 200, 100),
+    host("cpu_op", "aten::mm", 210, 20),
+    memory(215, 2, 2 * MIB),                                  # freed before the peak
+    memory(220, 2, -2 * MIB),
+    memory(225, 99, -1 * MIB),                                # a tensor older than the recording, freed
+    memory(230, 3, 8 * MIB),                                  # outside any op: "(no op)" and the loss frame
+    host("cpu_op", f"autograd::engine::evaluate_function: MmBackward0", 300, 50, BACKWARD),
+    host("cpu_op", "aten::mm", 310, 10, BACKWARD),
+    memory(315, 4, 6 * MIB, BACKWARD),                        # the backward: 4+8+6-1 = 17 MiB at the peak
+    memory(400, 3, -8 * MIB),                                 # after the peak: does not count
+    memory(410, 5, 5 * MIB),
 ]
 
 
-def test_peak_holds_the_tensors_live_at_the_largest_net_growth():
-    peak = find_peak(TRACE, before=100 * MIB)
-    assert peak.peak == 100 * MIB + 18 * MIB
-    assert peak.before_freed == 1 * MIB
-    assert peak.made_in_step == 19 * MIB
-    assert sorted(peak.live) == sorted([
-        "ops.py:120 forward <- modeling_qwen3_moe.py:300 forward",  # torch's frame skipped, innermost first
-        "fused_linear_cross_entropy.py:90 fused_linear_cross_entropy_forward", NO_FRAME])
-    assert sorted(peak.live[NO_FRAME]) == [1 * MIB, 6 * MIB]
+def test_peak_holds_the_blocks_live_at_the_largest_total():
+    peak = find_peak(TRACE)
+    assert (peak.peak, peak.before, peak.before_freed, peak.made_in_step) == (117 * MIB, 100 * MIB, MIB, 18 * MIB)
+    assert peak.live == {
+        "`aten::empty` <- `ops.py:172 experts_fwd`": [4 * MIB],  # torch's frame skipped
+        "`aten::mm` <- `fused_linear_cross_entropy.py:90 forward`": [8 * MIB],
+        "`aten::mm` in the backward of `MmBackward0`": [6 * MIB],
+    }
 
 
-def test_frameless_blocks_of_a_parameters_size_are_named_gradients():
-    peak = name_gradients(find_peak(TRACE, before=100 * MIB), {6 * MIB: 1, 3 * MIB: 2})
-    assert peak.live["parameter gradients (frameless, a parameter's size)"] == [6 * MIB]
-    assert peak.live[NO_FRAME] == [1 * MIB]
+def test_table_accounts_for_the_peak_and_counts_gradient_sized_blocks():
+    text = peak_table(find_peak(TRACE), {"parameters": 60 * MIB, "optimizer states": 30 * MIB}, {6 * MIB})
+    assert text.startswith("Peak 0.11 GiB allocated = 0.10 GiB of tensors older than the step + 0.02 GiB")
+    assert "0.01 GiB are blocks of exactly a trainable parameter's size" in text
+    rows = [line.split(" | ")[0].strip("| ") for line in text.splitlines() if line.startswith("| ")][1:]
+    assert abs(sum(float(r) for r in rows) - 117 / 1024) < 0.03  # the rows add up to the peak, to their rounding
+    assert "| 0.01 | 1 | `aten::mm` in the backward of `MmBackward0` |" in text
 
 
-def test_table_accounts_for_every_byte_of_the_peak():
-    peak = name_gradients(find_peak(TRACE, before=100 * MIB), {6 * MIB: 1})
-    text = peak_table(peak, {"parameters": 60 * MIB, "optimizer states": 30 * MIB})
-    assert text.startswith("Peak 0.12 GiB allocated = 0.10 GiB of tensors older than the step + 0.02 GiB")
-    rows = [line.split(" | ")[0].strip("| ") for line in text.splitlines()[4:]]
-    assert abs(sum(float(r) for r in rows) - 118 / 1024) < 0.02  # the rows sum to the peak, to their rounding
-    assert "| 0.01 | 1 | `fused_linear_cross_entropy.py:90" in text
+def test_a_real_cpu_trace(tmp_path):
+    """The profiler's own events (CPU allocations stand in for the GPU's): the peak is the trace's largest total."""
+    layer = torch.nn.Linear(256, 256)
+    x = torch.randn(512, 256, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+        layer(x).relu().sum().backward()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = load_trace(str(tmp_path / "trace.json"), instants=True)
+    peak = find_peak(events, device_type=0)
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
+              and e["args"]["Device Type"] == 0]
+    assert peak.peak == max(totals) and peak.made_in_step >= 512 * 256 * 4  # the layer's output at least
+    assert any("backward of" in who for who in peak.live), peak.live
+    assert "no device allocations" in peak_table(find_peak(events, device_type=1), {})

@@ -313,11 +313,16 @@ def test_gpu_kernel_matches_per_document_fp32(attn):
 @needs_cuda
 @pytest.mark.parametrize("attn", [pa.VARLEN_PACKED, pa.FLEX_PACKED])
 def test_gpu_model_packed_matches_separate(attn):
-    """The tiny model in bf16: packed logits/grads vs each document alone through the same model (plain causal sdpa
-    path). atol 2e-2 / rtol 2e-2: bf16 keeps 8 mantissa bits (~4e-3 relative per rounding), compounded over 2 layers."""
+    """The tiny model in bf16: packed logits/grads vs each document alone through the same weights under stock sdpa
+    (its causal path; varlen_packed on CUDA would take a lone document through its own kernel). atol 2e-2 / rtol
+    2e-2: bf16 keeps 8 mantissa bits (~4e-3 relative per rounding), compounded over 2 layers."""
     model = tiny_model(attn, device="cuda", dtype=torch.bfloat16)
     docs, ids, pos = packed_batch(DOC_LENS, device="cuda")
-    ref_logits, ref_grads = logits_and_grads(model, [{"input_ids": d} for d in docs])
+    reference = tiny_model("sdpa", device="cuda", dtype=torch.bfloat16)
+    ref_logits, ref_grads = logits_and_grads(reference, [{"input_ids": d} for d in docs])
     logits, grads = logits_and_grads(model, [{"input_ids": ids, "position_ids": pos}])
     torch.testing.assert_close(logits, ref_logits, atol=2e-2, rtol=2e-2)
     assert_grads_close(grads, ref_grads, 2e-2)
+    alone_logits, alone_grads = logits_and_grads(model, [{"input_ids": d} for d in docs])  # rows of one document
+    torch.testing.assert_close(alone_logits, ref_logits, atol=2e-2, rtol=2e-2)
+    assert_grads_close(alone_grads, ref_grads, 2e-2)

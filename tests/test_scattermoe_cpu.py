@@ -30,7 +30,7 @@ def _tiny(impl, **overrides):
 def test_registration():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     from monkey_patch.scattermoe import scattermoe_experts_forward
-    assert ALL_EXPERTS_FUNCTIONS["scattermoe"] is scattermoe_experts_forward
+    assert ALL_EXPERTS_FUNCTIONS["scattermoe"].__wrapped__ is scattermoe_experts_forward  # kept_experts wrapper
     model = _tiny("scattermoe")
     assert model.config._experts_implementation == "scattermoe"
     model.set_experts_implementation("eager")
@@ -159,6 +159,46 @@ def test_triton_kernels_under_interpreter():
     results = json.loads(proc.stdout.split("RESULT")[-1])
     # fp32 kernels vs fp64 reference: only summation order differs (seen ~2e-7).
     assert all(err < 1e-5 for _, err in results), results
+
+
+_FREED_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils.checkpoint import checkpoint
+    from monkey_patch.scattermoe import ops
+    from tests.reference import random_problem
+
+    made, seen = [], []
+    gather, ddown = ops._gather_matmul, ops.experts_bwd_ddown
+
+    def spy_gather(*args, **kwargs):  # every h the forward (and the recompute) makes
+        h, aw = gather(*args, **kwargs)
+        if kwargs.get("h_S2I") is None:
+            made.append(StorageWeakRef(h.untyped_storage()))  # the memory, not the Python object
+        return h, aw
+
+    def spy_ddown(*args):
+        seen.append([ref.expired() for ref in made])
+        return ddown(*args)
+
+    ops._gather_matmul, ops.experts_bwd_ddown = spy_gather, spy_ddown
+    x, w1, w2, idx, w = random_problem(12, 4, 2, 32, 16, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_()
+    y = checkpoint(ops.scattermoe_experts, x, w1, w2, idx, w, use_reentrant=False)
+    y.sum().backward()
+    print("RESULT" + json.dumps(seen))
+""")
+
+
+@interpreter_only
+def test_backward_frees_recomputed_h_before_the_last_gradient():
+    """Under gradient checkpointing the recomputed h [S, 2I] is referenced by the backward alone: it must be gone when
+    d down, the last weight gradient, is allocated (ops.py, the note above experts_bwd_dh)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _FREED_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.split("RESULT")[-1]) == [[True, True]]  # the forward's h and the recompute's
 
 
 def test_unsupported_activation_raises():

@@ -10,11 +10,13 @@ Files: kernels.py (Triton kernels + autotune configs) <- ops.py (launchers, auto
 """
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from monkey_patch.kept_experts import experts_forward_keeping_activations
 from .experts import scattermoe_experts_forward, scattermoe_fp8_experts_forward, torch_experts
 from .ops import routing_metadata, scattermoe_experts
 
-ALL_EXPERTS_FUNCTIONS.register("scattermoe", scattermoe_experts_forward)
-ALL_EXPERTS_FUNCTIONS.register("scattermoe_fp8", scattermoe_fp8_experts_forward)
+# Registered wrapped for --recompute_experts false (monkey_patch/kept_experts.py): a no-op on modules it did not mark.
+ALL_EXPERTS_FUNCTIONS.register("scattermoe", experts_forward_keeping_activations(scattermoe_experts_forward))
+ALL_EXPERTS_FUNCTIONS.register("scattermoe_fp8", experts_forward_keeping_activations(scattermoe_fp8_experts_forward))
 
 __all__ = ["scattermoe_experts_forward", "scattermoe_fp8_experts_forward", "scattermoe_experts", "torch_experts",
            "routing_metadata"]

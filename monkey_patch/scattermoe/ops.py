@@ -6,11 +6,11 @@ Forward (2 GEMM launches + sort + one [S, H] -> [T, H] sum):
   h [S, 2I], aw [S, I] = X[tok] @ gate_up[e]^T, w * silu(h_gate) * h_up (gather_matmul; expert-sorted rows)
   buf [S, H]           = aw @ down[e]^T, written to each row's (t, k) slot   (scatter_matmul)
   Y [T, H]             = buf.view(T, K, H).sum(1)   (deterministic; fp32 accumulation inside torch.sum)
-Backward (4 GEMM launches):
+Backward (4 GEMM launches, in this order: see the note above experts_bwd_dh):
   dH [S, 2I], dw partials = SwiGLU-bwd(w * dY[tok] @ down[e]), <dY[tok] @ down[e], a>  (gather_matmul epilogue)
-  d down[e]    = sum_r dY[tok]^T aw          (expert_wgrad)
-  d gate_up[e] = sum_r dH^T X[tok]           (expert_wgrad)
   dX           = (dH @ gate_up[e] scattered to slots).view(T, K, H).sum(1)   (scatter_matmul)
+  d gate_up[e] = sum_r dH^T X[tok]           (expert_wgrad)
+  d down[e]    = sum_r dY[tok]^T aw          (expert_wgrad)
 Saved for backward: h [S, 2I], aw [S, I] and the routing metadata (counts [E] int32, slot [S] int64), all
 computed from the inputs by a stable sort, so a gradient-checkpointing recompute reproduces them bit for bit.
 
@@ -205,31 +205,46 @@ def _experts_fwd_fake(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weight
             x_TH.new_empty(gate_up_E2IH.shape[0], dtype=torch.int32), x_TH.new_empty(S, dtype=torch.int64))
 
 
-@torch.library.custom_op("scattermoe::experts_bwd", mutates_args=())
-def experts_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor,
-                top_k_weights_TK: torch.Tensor, h_S2I: torch.Tensor, aw_SI: torch.Tensor, counts_E: torch.Tensor,
-                slot_S: torch.Tensor, fp8: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX [T, H], d gate_up [E, 2I, H], d down [E, H, I], d top_k_weights [T, K]); fp8 as in experts_fwd."""
-    T, H = x_TH.shape
-    K = top_k_weights_TK.shape[1]
-    S = slot_S.numel()
-    dy_TH = dy_TH.contiguous().to(x_TH.dtype)
-    tok_S = torch.div(slot_S, K, rounding_mode="floor").to(torch.int32)
+# The backward is three ops, called in an order that keeps its peak low: at the moment the last weight gradient is
+# allocated, every other layer's gradients are alive, so whatever this layer still holds adds to the step's peak.
+# Under gradient checkpointing the recomputed h and the dH made from it are referenced only here, so they are freed
+# between the ops: d down [E, H, I] comes last and sees only aw and dX beside it. Measured on the H200 (8 layers of
+# Qwen3-30B-A3B, 8K tokens, bench/train_step.py --memory): h and dH, 0.375 GiB, were live at the step's peak.
+
+@torch.library.custom_op("scattermoe::experts_bwd_dh", mutates_args=())
+def experts_bwd_dh(dy_TH: torch.Tensor, down_EHI: torch.Tensor, top_k_weights_TK: torch.Tensor, h_S2I: torch.Tensor,
+                   counts_E: torch.Tensor, slot_S: torch.Tensor, tok_S: torch.Tensor, fp8: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dH [S, 2I], d top_k_weights [T, K]): SwiGLU backward of w * dY[tok] @ down[e], and <dY[tok] @ down[e], a>."""
+    T, K = top_k_weights_TK.shape
+    H = dy_TH.shape[1]
     w_S = top_k_weights_TK.reshape(-1)[slot_S].float()
     if fp8:
         # down^T scaled over H per (expert, i), stored [E, I, H] so the contraction dim H stays contiguous.
         (dy_q, sdy_T), (w2t_q, s2t_EI) = quantize_rows(dy_TH), quantize_cols_t(down_EHI)
         dh_S2I, dw_partial = _gather_matmul(dy_q, w2t_q, (w2t_q.stride(0), 1, H), tok_S, counts_E, w_S,
-                                            h_S2I=h_S2I, scales=(sdy_T, s2t_EI), out_dtype=x_TH.dtype)
+                                            h_S2I=h_S2I, scales=(sdy_T, s2t_EI), out_dtype=dy_TH.dtype)
         del dy_q, w2t_q
     else:
         # down[e] is [H, I]: B[e][d=h, n=i] = down[e, h, i].
         dh_S2I, dw_partial = _gather_matmul(dy_TH, down_EHI, (down_EHI.stride(0), down_EHI.shape[2], 1), tok_S,
                                             counts_E, w_S, h_S2I=h_S2I)
-    dw_S = torch.empty(S, device=x_TH.device, dtype=torch.float32)
+    dw_S = torch.empty(slot_S.numel(), device=dy_TH.device, dtype=torch.float32)
     dw_S[slot_S] = dw_partial.sum(0)
-    d_down = _expert_wgrad(dy_TH, aw_SI, torch.empty_like(down_EHI), counts_E, a_idx=tok_S)
+    return dh_S2I, dw_S.view(T, K).to(top_k_weights_TK.dtype)
+
+
+@experts_bwd_dh.register_fake
+def _experts_bwd_dh_fake(dy_TH, down_EHI, top_k_weights_TK, h_S2I, counts_E, slot_S, tok_S, fp8=False):
+    return torch.empty_like(h_S2I), torch.empty_like(top_k_weights_TK)
+
+
+@torch.library.custom_op("scattermoe::experts_bwd_dx", mutates_args=())
+def experts_bwd_dx(dh_S2I: torch.Tensor, x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, counts_E: torch.Tensor,
+                   slot_S: torch.Tensor, tok_S: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX [T, H], d gate_up [E, 2I, H]): dX = (dH @ gate_up[e] scattered to slots).view(T, K, H).sum(1)."""
+    T, H = x_TH.shape
+    K = slot_S.numel() // T
     if fp8:
         # gate_up^T scaled over 2I per (expert, h), stored [E, H, 2I]; dH scaled per routed row.
         (dh_q, sdh_S), (w1t_q, s1t_EH) = quantize_rows(dh_S2I), quantize_cols_t(gate_up_E2IH)
@@ -239,19 +254,36 @@ def experts_bwd(dy_TH: torch.Tensor, x_TH: torch.Tensor, gate_up_E2IH: torch.Ten
     else:
         # gate_up[e] is [2I, H]: B[e][d=j, n=h] = gate_up[e, j, h].
         dx_SH = _scatter_matmul(dh_S2I, gate_up_E2IH, (gate_up_E2IH.stride(0), H, 1), slot_S, counts_E, H)
-    # K-sum before the largest buffer, d gate_up [E, 2I, H], is allocated: the [S, H] rows (0.27 GB at 8K tokens of
-    # Qwen3-30B-A3B; the fp8 copies above 0.5 GB more) are not alive beside it.
+    # K-sum before d gate_up [E, 2I, H] is allocated: the [S, H] rows (0.27 GB at 8K tokens of Qwen3-30B-A3B; the
+    # fp8 copies above 0.5 GB more) are not alive beside it.
     dx_TH = dx_SH.view(T, K, H).sum(1)
     del dx_SH
     d_gate_up = _expert_wgrad(dh_S2I, x_TH, torch.empty_like(gate_up_E2IH), counts_E, b_idx=tok_S)
-    return dx_TH, d_gate_up, d_down, dw_S.view(T, K).to(top_k_weights_TK.dtype)
+    return dx_TH, d_gate_up
 
 
-@experts_bwd.register_fake
-def _experts_bwd_fake(dy_TH, x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, aw_SI, counts_E, slot_S,
-                      fp8=False):
-    return (torch.empty_like(x_TH), torch.empty_like(gate_up_E2IH), torch.empty_like(down_EHI),
-            torch.empty_like(top_k_weights_TK))
+@experts_bwd_dx.register_fake
+def _experts_bwd_dx_fake(dh_S2I, x_TH, gate_up_E2IH, counts_E, slot_S, tok_S, fp8=False):
+    return torch.empty_like(x_TH), torch.empty_like(gate_up_E2IH)
+
+
+@torch.library.custom_op("scattermoe::experts_bwd_ddown", mutates_args=())
+def experts_bwd_ddown(dy_TH: torch.Tensor, aw_SI: torch.Tensor, down_EHI: torch.Tensor, counts_E: torch.Tensor,
+                      tok_S: torch.Tensor) -> torch.Tensor:
+    """d down [E, H, I] = sum over each expert's rows of dY[tok]^T aw (bf16: the weight gradients never run FP8)."""
+    return _expert_wgrad(dy_TH, aw_SI, torch.empty_like(down_EHI), counts_E, a_idx=tok_S)
+
+
+@experts_bwd_ddown.register_fake
+def _experts_bwd_ddown_fake(dy_TH, aw_SI, down_EHI, counts_E, tok_S):
+    return torch.empty_like(down_EHI)
+
+
+def _backward_inputs(dy_TH, x_TH, top_k_weights_TK, slot_S):
+    """dY in the experts' dtype and contiguous, and each sorted row's token (int32)."""
+    K = top_k_weights_TK.shape[1]
+    return (dy_TH.contiguous().to(x_TH.dtype),
+            torch.div(slot_S, K, rounding_mode="floor").to(torch.int32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -262,10 +294,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy_TH, _dh, _daw, _dcounts, _dslot):
-    dx, d_gate_up, d_down, d_weights = experts_bwd(dy_TH, *ctx.saved_tensors, fp8=ctx.fp8)
+    x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, aw_SI, counts_E, slot_S = ctx.saved_tensors
+    dy_TH, tok_S = _backward_inputs(dy_TH, x_TH, top_k_weights_TK, slot_S)
+    dh_S2I, d_weights = experts_bwd_dh(dy_TH, down_EHI, top_k_weights_TK, h_S2I, counts_E, slot_S, tok_S, ctx.fp8)
+    del h_S2I  # see the note above experts_bwd_dh
+    dx_TH, d_gate_up = experts_bwd_dx(dh_S2I, x_TH, gate_up_E2IH, counts_E, slot_S, tok_S, ctx.fp8)
+    del dh_S2I
+    d_down = experts_bwd_ddown(dy_TH, aw_SI, down_EHI, counts_E, tok_S)
     # One gradient per forward input: x, gate_up_proj, down_proj, top_k_index (integer: none), top_k_weights,
     # fp8 (a flag: none).
-    return dx, d_gate_up, d_down, None, d_weights, None
+    return dx_TH, d_gate_up, d_down, None, d_weights, None
 
 
 experts_fwd.register_autograd(_backward, setup_context=_setup_context)

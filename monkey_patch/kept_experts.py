@@ -1,0 +1,103 @@
+"""`--recompute_experts false`: under gradient checkpointing, keep the experts' activations instead of recomputing them.
+
+Gradient checkpointing saves each decoder layer's input and recomputes the whole layer in the backward. For a MoE
+layer the experts are most of that recompute: on the H200, at 8K tokens of Qwen3-30B-A3B, their forward takes 1.7 ms
+of a layer's ~2.5 ms forward kernels (bench/moe_block.py breakdown: routing sort, gate_up GEMM + SwiGLU, down GEMM,
+K-sum). Keeping what the experts' backward needs instead costs per layer and token 2I + I values of h and aw per routed
+row (K = 8 rows per token): 0.28 GiB per layer at 8K tokens in bf16. When the step's peak is set by the gradients
+at the end of the backward, as on one GPU, those activations are freed, layer by layer, before that peak.
+
+How, with torch's non-reentrant checkpoint left in charge of the rest of the layer:
+  * the experts' saved tensors go through our own saved-tensors hooks, innermost, so the checkpoint never sees them;
+    each is handed out once (then the experts' backward holds the only reference and frees h early, ops.py);
+  * the checkpoint gets a `context_fn` whose recompute context marks the recompute; there the experts return zeros
+    without running: nothing after them in the layer saves a tensor, and their backward uses the kept activations.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+
+from monkey_patch.errors import PatchError
+
+KEEP_ATTRIBUTE = "keep_activations_under_checkpoint"  # set on each experts module by `keep_experts_activations`
+_state = threading.local()  # the recompute runs on autograd's thread
+
+
+def in_recompute() -> bool:
+    return getattr(_state, "recomputing", 0) > 0
+
+
+@contextlib.contextmanager
+def _recomputing():
+    _state.recomputing = getattr(_state, "recomputing", 0) + 1
+    try:
+        yield
+    finally:
+        _state.recomputing -= 1
+
+
+def checkpoint_contexts():
+    """`context_fn` for torch.utils.checkpoint: nothing around the forward, the recompute marked."""
+    return contextlib.nullcontext(), _recomputing()
+
+
+class _HandedOutOnce:
+    """A kept activation: the backward's unpack takes it, so the autograd graph no longer holds it."""
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def take(self) -> torch.Tensor:
+        if self.tensor is None:
+            raise RuntimeError("an experts activation kept by --recompute_experts false was already used by a backward "
+                               "pass (retain_graph / a second backward): use --recompute_experts true for that")
+        tensor, self.tensor = self.tensor, None
+        return tensor
+
+
+def kept_activations():
+    """Saved-tensors hooks for the experts' forward (innermost: a surrounding checkpoint does not see the tensors)."""
+    return torch.autograd.graph.saved_tensors_hooks(_HandedOutOnce, _HandedOutOnce.take)
+
+
+def experts_forward_keeping_activations(experts_forward):
+    """Wrap an experts function of transformers' experts interface: on modules marked by `keep_experts_activations`,
+    keep its activations and skip it in a checkpoint's recompute; on other modules, unchanged."""
+    @functools.wraps(experts_forward)
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if not getattr(self, KEEP_ATTRIBUTE, False) or not torch.is_grad_enabled():
+            return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if in_recompute():  # the backward reads the activations kept below; nothing downstream in the layer saves
+            return hidden_states.new_zeros(hidden_states.shape)
+        with kept_activations():
+            return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return forward
+
+
+def keep_experts_activations(model: torch.nn.Module) -> int:
+    """Mark every experts module of `model` and make `model.gradient_checkpointing_enable` pass `checkpoint_contexts`
+    to torch's checkpoint (the Trainer calls it at the start of training, the bench by hand). Returns the count."""
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
+    for module in experts:
+        setattr(module, KEEP_ATTRIBUTE, True)
+    enable = model.gradient_checkpointing_enable
+    if getattr(enable, "marks_recompute", False):
+        return len(experts)
+
+    @functools.wraps(enable)
+    def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, **kwargs):
+        checkpoint_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        if checkpoint_kwargs.get("use_reentrant", True) or "context_fn" in checkpoint_kwargs:
+            raise PatchError("--recompute_experts false needs torch's non-reentrant checkpoint without a context_fn of "
+                             "its own: set gradient_checkpointing_kwargs {\"use_reentrant\": false}, or use "
+                             "--recompute_experts true")
+        return enable(gradient_checkpointing_kwargs={**checkpoint_kwargs, "context_fn": checkpoint_contexts}, **kwargs)
+
+    gradient_checkpointing_enable.marks_recompute = True
+    model.gradient_checkpointing_enable = gradient_checkpointing_enable
+    return len(experts)
