@@ -110,6 +110,9 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
         if applied["moe_kernel"] != "scattermoe" or applied["compile_layers"]:
             raise PatchError("--recompute_experts false is implemented for our experts kernel in uncompiled layers: use "
                              "--moe_kernel auto and --compile_layers false, or --recompute_experts true")
+        if sharding:
+            raise PatchError(f"--recompute_experts false has been verified on one GPU only, not yet under {sharding} "
+                             "(which re-gathers the saved weights in the backward): use --recompute_experts true")
         from monkey_patch.kept_experts import keep_experts_activations
         keep_experts_activations(model)
     if applied["compile_layers"]:

@@ -84,8 +84,8 @@ class PatchArguments:
     recompute_experts: bool = field(default=True, metadata={
         "help": "Under gradient checkpointing, recompute the MoE experts in the backward (true) or keep their "
                 "activations, h and aw: 0.28 GiB per layer per 8K tokens at Qwen3-30B-A3B shapes (false: faster; "
-                "monkey_patch/kept_experts.py). Needs --gradient_checkpointing with use_reentrant false, not FSDP's "
-                "activation checkpointing."})
+                "monkey_patch/kept_experts.py). Needs --gradient_checkpointing with use_reentrant false; one GPU only "
+                "for now (not yet verified under FSDP2 or ZeRO-3)."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak dense bf16 TFLOP/s of one device, for MFU; detected from the GPU name when not given."})
     profile_steps: int = field(default=0, metadata={

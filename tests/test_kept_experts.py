@@ -74,6 +74,7 @@ def test_a_second_backward_through_kept_activations_is_named():
 @pytest.mark.parametrize("patches,match", [
     (dict(moe_kernel="grouped_mm"), "our experts kernel"),
     (dict(compile_layers="true"), "uncompiled layers"),
+    (dict(sharding="deepspeed"), "one GPU only"),
 ])
 def test_unsupported_combinations_are_refused(patches, match):
     model = load_model("tiny", dtype=torch.float32, seed=0)
