@@ -22,8 +22,9 @@ if not torch.cuda.is_available():
 import transformers  # noqa: E402
 from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
 
-from monkey_patch import apply_patches  # noqa: E402
+from monkey_patch import apply_patches, resolve_compile_layers, resolve_moe_kernel  # noqa: E402
 from monkey_patch.errors import PatchError  # noqa: E402
+from monkey_patch.kept_experts import check_kept_experts  # noqa: E402
 from sft.arguments import parse_arguments  # noqa: E402
 from sft.callbacks import EfficiencyCallback, ProfilerCallback, add_efficiency_callback  # noqa: E402
 from sft.collate import PackedCollator, PaddedCollator, mean_causal_context, pack_examples  # noqa: E402
@@ -31,8 +32,7 @@ from sft.data import DataError, load_conversations  # noqa: E402
 from sft.metrics import detect_peak_tflops, flops_per_token  # noqa: E402
 from sft.model import fsdp_rank_zero_loading, load_model, load_tokenizer  # noqa: E402
 from sft.render import tokenize_conversations  # noqa: E402
-from sft.trainer import (SFTTrainer, fsdp_checkpoints_activations, prepare_training_args, resolve_resume,  # noqa: E402
-                         sharding_backend)
+from sft.trainer import SFTTrainer, prepare_training_args, resolve_resume, sharding_backend  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     prepare_training_args(training_args)
     resume = resolve_resume(training_args)
 
-    if not patch_args.recompute_experts and fsdp_checkpoints_activations(training_args):
-        raise PatchError("--recompute_experts false: the FSDP config's activation_checkpointing recomputes whole decoder "
-                         "layers, experts included; keep --recompute_experts true with it")
+    if not patch_args.recompute_experts:  # before minutes of model loading; apply_patches checks the same
+        sharding = sharding_backend(training_args)
+        check_kept_experts(resolve_moe_kernel(patch_args.moe_kernel),
+                           resolve_compile_layers(patch_args.compile_layers, patch_args.fp8, sharding), sharding)
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name_or_path)
     # FP8 GEMMs need token counts divisible by 16 (a packed row of 8187 tokens fails in torchao's backward).
     train_dataset, collator, context = build_training_data(data_args, tokenizer, 16 if patch_args.fp8 else None)

@@ -107,13 +107,8 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
                        "(2 H200s, 8 layers, FSDP2: 18,834 vs 26,426 tokens/s/GPU, bench/results/)", sharding)
     applied["recompute_experts"] = recompute_experts
     if not recompute_experts:
-        if applied["moe_kernel"] != "scattermoe" or applied["compile_layers"]:
-            raise PatchError("--recompute_experts false is implemented for our experts kernel in uncompiled layers: use "
-                             "--moe_kernel auto and --compile_layers false, or --recompute_experts true")
-        if sharding:
-            raise PatchError(f"--recompute_experts false has been verified on one GPU only, not yet under {sharding} "
-                             "(which re-gathers the saved weights in the backward): use --recompute_experts true")
-        from monkey_patch.kept_experts import keep_experts_activations
+        from monkey_patch.kept_experts import check_kept_experts, keep_experts_activations
+        check_kept_experts(applied["moe_kernel"], applied["compile_layers"], sharding)
         keep_experts_activations(model)
     if applied["compile_layers"]:
         for layer in model.model.layers:

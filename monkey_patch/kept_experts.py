@@ -80,6 +80,16 @@ def experts_forward_keeping_activations(experts_forward):
     return forward
 
 
+def check_kept_experts(moe_kernel: str, compile_layers: bool, sharding: str | None) -> None:
+    """Raise for the setups `--recompute_experts false` does not support (train.py asks before loading the model)."""
+    if moe_kernel != "scattermoe" or compile_layers:
+        raise PatchError("--recompute_experts false is implemented for our experts kernel in uncompiled layers: use "
+                         "--moe_kernel auto and --compile_layers false, or --recompute_experts true")
+    if sharding:
+        raise PatchError(f"--recompute_experts false has been verified on one GPU only, not yet under {sharding} "
+                         "(which re-gathers the saved weights in the backward): use --recompute_experts true")
+
+
 def keep_experts_activations(model: torch.nn.Module) -> int:
     """Mark every experts module of `model` and make `model.gradient_checkpointing_enable` pass `checkpoint_contexts`
     to torch's checkpoint (the Trainer calls it at the start of training, the bench by hand). Returns the count."""

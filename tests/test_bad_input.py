@@ -91,3 +91,10 @@ def test_negative_step_counts_are_named(flag):
     from sft.arguments import parse_arguments
     with pytest.raises(SystemExit, match=f"{flag} -1: a number of steps, 0 or more"):
         parse_arguments([flag, "-1"])
+
+
+def test_cli_refuses_kept_experts_with_another_kernel_before_loading(tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "--recompute_experts", "false", "--moe_kernel", "grouped_mm",
+                          "--output_dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "error: --recompute_experts false is implemented for our experts kernel" in run.stderr
+    assert "parameters on" not in run.stdout  # refused before the model was loaded
