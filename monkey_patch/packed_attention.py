@@ -184,9 +184,9 @@ def varlen_packed_forward(module, query, key, value, attention_mask, scaling=Non
         token_idx, cu, max_len = None, cu.to(torch.int32), int(max_len)  # DataCollatorWithFlattening's own
     else:
         layout = _cached_layout(position_ids, attention_mask, query)
-        # On CUDA a row that is one document is a document for the varlen kernel too: sdpa's causal path cost
-        # 0.85 s of host time in one profiled H200 run (py-spy, bench/train_step.py, whose fullest row was a single
-        # 8192-token document), and the flash kernel reads grouped K/V heads as they are.
+        # On CUDA a row that is one document is a document for the varlen kernel too: sdpa's causal path took 1.0 s
+        # of host time, forward and backward, in one H200 run whose fullest row was a single 8,192-token document
+        # (py-spy of bench/train_step.py), and the flash kernel reads grouped K/V heads as they are.
         if layout.plain and not query.is_cuda:
             return _plain_causal(query, key, value, scaling), None
         token_idx, cu, max_len = layout.token_idx, layout.cu_seqlens, layout.max_seqlen
