@@ -209,7 +209,8 @@ def _experts_fwd_fake(x_TH, gate_up_E2IH, down_EHI, top_k_index_TK, top_k_weight
 # allocated, every other layer's gradients are alive, so whatever this layer still holds adds to the step's peak.
 # Under gradient checkpointing the recomputed h and the dH made from it are referenced only here, so they are freed
 # between the ops: d down [E, H, I] comes last and sees only aw and dX beside it. Measured on the H200 (8 layers of
-# Qwen3-30B-A3B, 8K tokens, bench/train_step.py --memory): h and dH, 0.375 GiB, were live at the step's peak.
+# Qwen3-30B-A3B, 8K tokens, bench/train_step.py --memory): h and dH, 0.375 GiB, were live at the step's peak, which
+# fell from 42.39 to 42.01 GiB with this order (bench/results/train_step_h200_202611.md, run 5).
 
 @torch.library.custom_op("scattermoe::experts_bwd_dh", mutates_args=())
 def experts_bwd_dh(dy_TH: torch.Tensor, down_EHI: torch.Tensor, top_k_weights_TK: torch.Tensor, h_S2I: torch.Tensor,
