@@ -284,8 +284,9 @@ def test_registration_fp8_cpu_path():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     from sft.model import preset_config
     from monkey_patch.scattermoe import scattermoe_experts_forward, scattermoe_fp8_experts_forward
-    assert ALL_EXPERTS_FUNCTIONS["scattermoe_fp8"] is scattermoe_fp8_experts_forward
-    assert ALL_EXPERTS_FUNCTIONS["scattermoe"] is scattermoe_experts_forward
+    # registered inside the --recompute_experts wrapper (monkey_patch/kept_experts.py)
+    assert ALL_EXPERTS_FUNCTIONS["scattermoe_fp8"].__wrapped__ is scattermoe_fp8_experts_forward
+    assert ALL_EXPERTS_FUNCTIONS["scattermoe"].__wrapped__ is scattermoe_experts_forward
     ids = torch.randint(0, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = []
     for impl in ("scattermoe", "scattermoe_fp8"):
