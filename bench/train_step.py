@@ -195,7 +195,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     if memory:
         from bench.memory_peak import record_peak
         held = (record_peak(lambda: train_step(batches[-1]), model, optimizer) if device == "cuda" else
-                "the allocator trace needs CUDA (torch.cuda.memory._record_memory_history); skipped on this CPU run")
+                "the memory peak is a GPU's: it needs CUDA; skipped on this CPU run")
         print(f"MEMORY {stack}\n{held}", flush=True)
         save_to_out(f"memory_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens: one step's "
                     f"allocator trace at its peak (bench/memory_peak.py)\n\n{held}")
@@ -254,9 +254,9 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="after timing, record one more step with Python stacks: "
                         "the GPU's idle gaps, each blamed on the host code that launched the kernel ending it "
                         "(bench/idle_gaps.py), printed and saved as idle_<stack>.md, the trace as trace_<stack>.json.gz")
-    parser.add_argument("--memory", action="store_true", help="after timing, record one more step's CUDA allocator "
-                        "trace: what is live at its memory peak, grouped by the frames that allocated it "
-                        "(bench/memory_peak.py), printed and saved as memory_<stack>.md (CUDA only)")
+    parser.add_argument("--memory", action="store_true", help="after timing, record one more step's allocations "
+                        "with the profiler: what is live at its memory peak, grouped by the op and frames that "
+                        "allocated it (bench/memory_peak.py), printed and saved as memory_<stack>.md (CUDA only)")
     parser.add_argument("--timeout_per_stack", type=float, default=900.0, help="seconds before a stack is abandoned")
     args = parser.parse_args()
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),

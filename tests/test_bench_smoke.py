@@ -30,7 +30,7 @@ def test_train_step_bench(tmp_path):
     assert "sync debugging needs CUDA" in out and not (tmp_path / "sync_transformers.md").exists()
     assert "TRACE transformers\nno GPU kernels in the trace" in out  # a CPU trace: the idle table has nothing to say
     assert (tmp_path / "idle_transformers.md").exists() and (tmp_path / "trace_transformers.json.gz").stat().st_size
-    assert "MEMORY transformers\nthe allocator trace needs CUDA" in out
+    assert "MEMORY transformers\nthe memory peak is a GPU's: it needs CUDA" in out
 
 
 def test_sft_run_bench(tmp_path):
