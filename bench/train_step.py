@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.report import describe_environment, save_to_out  # noqa: E402
 
+# run_one's diagnostic flags and the marks their tables are printed under (main() forwards and relays them).
+DIAGNOSTICS = (("profile", "PROFILE"), ("trace", "TRACE"), ("memory", "MEMORY"), ("sync_debug", "SYNC"))
 LIGER_AS_SHIPPED = dict(liger="true", ce_chunk_tokens=0)  # the peers: Liger's own fused-CE chunk sizing
 STACKS = {  # name -> apply_patches arguments
     "transformers": dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"),
@@ -183,28 +185,30 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         start = time.perf_counter()
         losses.append(train_step(batch))
         times.append(time.perf_counter() - start)
+    shape = f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens"
+
+    def show(mark: str, filename: str | None, caption: str, text: str) -> None:
+        """Print a diagnostic table under its mark (main() relays it) and save it to $OUT/<filename>."""
+        print(f"{mark} {stack}\n{text}", flush=True)
+        if filename:
+            save_to_out(filename, f"{shape}{caption}\n\n{text}")
+
+    def once() -> float:  # each diagnostic runs extra steps of the last batch
+        return train_step(batches[-1])
+
     if profile:  # after the timed steps, so the profiler's overhead stays out of the timings
-        table = profile_table(lambda: train_step(batches[-1]), repeats=3, device=device)
-        print(f"PROFILE {stack}\n{table}", flush=True)
-        save_to_out(f"profile_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens\n\n{table}")
+        show("PROFILE", f"profile_{stack}.md", "", profile_table(once, repeats=3, device=device))
     if trace:
-        gaps = trace_table(lambda: train_step(batches[-1]), stack, device)
-        print(f"TRACE {stack}\n{gaps}", flush=True)
-        save_to_out(f"idle_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens: one step, "
-                    f"recorded with Python stacks (bench/idle_gaps.py)\n\n{gaps}")
+        show("TRACE", f"idle_{stack}.md", ": one step, recorded with Python stacks (bench/idle_gaps.py)",
+             trace_table(once, stack, device))
     if memory:
         from bench.memory_peak import record_peak
-        held = (record_peak(lambda: train_step(batches[-1]), model, optimizer) if device == "cuda" else
-                "the memory peak is a GPU's: it needs CUDA; skipped on this CPU run")
-        print(f"MEMORY {stack}\n{held}", flush=True)
-        save_to_out(f"memory_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens: one step's "
-                    f"allocator trace at its peak (bench/memory_peak.py)\n\n{held}")
+        show("MEMORY", f"memory_{stack}.md", ": one step's allocations at its peak (bench/memory_peak.py)",
+             record_peak(once, model, optimizer) if device == "cuda" else
+             "the memory peak is a GPU's: it needs CUDA; skipped on this CPU run")
     if sync_debug:  # last: sync debug mode slows every CUDA call it checks
-        syncs = sync_table(lambda: train_step(batches[-1]), device)
-        print(f"SYNC {stack}\n{syncs}", flush=True)
-        if device == "cuda":
-            save_to_out(f"sync_{stack}.md", f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens; the "
-                        f"bench's own loss.item() is one of the syncs\n\n{syncs}")
+        show("SYNC", f"sync_{stack}.md" if device == "cuda" else None,
+             "; the bench's own loss.item() is one of the syncs", sync_table(once, device))
     seconds = statistics.median(times[warmup:])
     tokens = statistics.median(real_tokens[warmup:])
     tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
@@ -261,8 +265,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
              "--micro_batch", str(args.micro_batch), "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops),
-             *(["--profile"] if args.profile else []), *(["--sync_debug"] if args.sync_debug else []),
-             *(["--trace"] if args.trace else []), *(["--memory"] if args.memory else [])]
+             *(f"--{flag}" for flag, _ in DIAGNOSTICS if getattr(args, flag))]
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
                                              args.peak_tflops, args.preset, args.profile, args.sync_debug,
@@ -279,7 +282,7 @@ def main() -> None:
             results.append({"stack": stack, "error": f"timed out after {args.timeout_per_stack} s"})
             continue
         found = [line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        marks = [run.stdout.index(mark) for mark in ("PROFILE ", "TRACE ", "MEMORY ", "SYNC ") if mark in run.stdout]
+        marks = [run.stdout.index(f"{mark} ") for _, mark in DIAGNOSTICS if f"{mark} " in run.stdout]
         if marks:  # the profile, idle, memory and sync tables the stack printed before its result
             print(run.stdout[min(marks):].split("\nRESULT ")[0], flush=True)
         results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})

@@ -90,15 +90,15 @@ def check_kept_experts(moe_kernel: str, compile_layers: bool, sharding: str | No
                          "(which re-gathers the saved weights in the backward): use --recompute_experts true")
 
 
-def keep_experts_activations(model: torch.nn.Module) -> int:
+def keep_experts_activations(model: torch.nn.Module) -> None:
     """Mark every experts module of `model` and make `model.gradient_checkpointing_enable` pass `checkpoint_contexts`
-    to torch's checkpoint (the Trainer calls it at the start of training, the bench by hand). Returns the count."""
+    to torch's checkpoint (the Trainer calls it at the start of training, the bench by hand)."""
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj")]
     for module in experts:
         setattr(module, KEEP_ATTRIBUTE, True)
     enable = model.gradient_checkpointing_enable
     if getattr(enable, "marks_recompute", False):
-        return len(experts)
+        return
 
     @functools.wraps(enable)
     def gradient_checkpointing_enable(gradient_checkpointing_kwargs=None, **kwargs):
@@ -111,4 +111,3 @@ def keep_experts_activations(model: torch.nn.Module) -> int:
 
     gradient_checkpointing_enable.marks_recompute = True
     model.gradient_checkpointing_enable = gradient_checkpointing_enable
-    return len(experts)
