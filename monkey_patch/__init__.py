@@ -4,7 +4,8 @@ Order, and why:
   1. experts implementation: a named implementation registered with transformers (parameters keep their stock names
      and shapes, so checkpoints, ZeRO-3 and FSDP see the same tensors);
   2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance;
-  3. attention implementation: chosen for the batches the run makes (packed or padded);
+  3. attention implementation: chosen for the batches the run makes (packed or padded); ours also skip transformers'
+     packed-sequence detection, a host sync they do not need;
   4. FP8: it converts the nn.Linear modules that remain after the swaps above, and switches our experts kernel to
      its FP8 variant (`scattermoe_fp8`) unless `fp8_experts=False`;
   5. torch.compile of each decoder layer last, so it traces the final modules (in place: FSDP still finds the
@@ -72,7 +73,7 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     (monkey_patch/kept_experts.py): our experts kernel only, uncompiled layers.
     """
     from monkey_patch.liger import apply_liger
-    from monkey_patch.packed_attention import choose_attention
+    from monkey_patch.packed_attention import FLEX_PACKED, VARLEN_PACKED, choose_attention, skip_packed_detection
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     applied = {"moe_kernel": resolve_moe_kernel(moe_kernel), "liger": resolve_liger(liger, device)}
@@ -95,6 +96,8 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
                     ce_chunk_tokens=chunk)
     applied["attn_implementation"] = choose_attention(attn_implementation, device)
     model.set_attn_implementation(applied["attn_implementation"])
+    if applied["attn_implementation"] in (VARLEN_PACKED, FLEX_PACKED):
+        skip_packed_detection()
     if fp8:
         from monkey_patch.fp8 import apply_fp8
         applied["fp8"] = apply_fp8(model, recipe=fp8_recipe)  # raises below SM89, so the experts need no own check

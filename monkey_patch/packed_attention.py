@@ -8,7 +8,9 @@ block-diagonal mask: 12.6 ms fwd+bwd for one 8192-token row of 4 documents on an
   one document per row, no padding -> plain causal sdpa (nothing to mask); varlen_packed on CUDA keeps the varlen
   kernel, with each row a document.
 The document layout (cu_seqlens, doc ids, BlockMask) is derived once per forward from position_ids and the 2D padding
-mask and shared by all layers. Importing this module registers the two names; it patches nothing.
+mask and shared by all layers, unless the batch carries it (sft/collate.py's PackedCollator and transformers'
+DataCollatorWithFlattening hand cu_seq_lens_q and max_length_q to the model). Importing this module registers the
+two names; `skip_packed_detection` is the one patch, and only for these names.
 
 Shapes: B batch, S sequence, H query heads, K key/value heads, D head dim, T non-padding tokens, N documents.
 """
@@ -251,6 +253,33 @@ def padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
 for _name, _fn in ((VARLEN_PACKED, varlen_packed_forward), (FLEX_PACKED, flex_packed_forward)):  # idempotent
     AttentionInterface.register(_name, _fn)
     AttentionMaskInterface.register(_name, padding_only_mask)
+
+
+def _without_packed_detection(create_mask):
+    """`create_mask` (transformers' create_causal_mask) that returns None at once for our implementations when there is
+    no padding mask: what `padding_only_mask` returns then anyway, minus transformers' packed-sequence detection that
+    runs before it (masking_utils.find_packed_sequence_indices asks the GPU whether any row is packed: a host sync at
+    the start of every forward, which empties the queue the previous step's optimizer left for the host to run ahead
+    of)."""
+    if getattr(create_mask, "skips_packed_detection", False):
+        return create_mask
+
+    @functools.wraps(create_mask)
+    def create(config, inputs_embeds, attention_mask, *args, **kwargs):
+        if attention_mask is None and config._attn_implementation in (VARLEN_PACKED, FLEX_PACKED):
+            return None
+        return create_mask(config, inputs_embeds, attention_mask, *args, **kwargs)
+
+    create.skips_packed_detection = True
+    return create
+
+
+def skip_packed_detection() -> None:
+    """Process-wide, for Qwen3-MoE: its model's forward looks create_causal_mask up in its module. Idempotent; models
+    on any other attention implementation get transformers' function unchanged."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    modeling_qwen3_moe.create_causal_mask = _without_packed_detection(modeling_qwen3_moe.create_causal_mask)
 
 
 def choose_attention(requested: str, device: torch.device | str) -> str:

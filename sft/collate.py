@@ -1,9 +1,11 @@
 """Batches: padded, or packed and padding-free.
 
 Packed: examples are packed into rows of at most `max_seq_length` tokens (best-fit decreasing), and a micro-batch of
-rows is sent as ONE flattened row `input_ids [1, N]` whose `position_ids` restart at 0 at every document. Attention
-kernels read the document boundaries from the restarts (cu_seqlens), so no document attends to another and no padding
-token is ever computed. The first label of every document is masked: in a flattened row it would otherwise be
+rows is sent as ONE flattened row `input_ids [1, N]` whose `position_ids` restart at 0 at every document. No document
+attends to another and no padding token is ever computed. The batch also carries the document boundaries the way
+transformers' DataCollatorWithFlattening hands them to varlen attention kernels (`cu_seq_lens_q/k`, `max_length_q/k`),
+computed here on the host: derived on the GPU from the restarts, the longest document's length is a host sync in
+every forward (monkey_patch/packed_attention.py reads these when present). The first label of every document is masked: in a flattened row it would otherwise be
 predicted from the previous document's last token (alone, a document's first token is never a target either).
 """
 from __future__ import annotations
@@ -63,8 +65,8 @@ class PackedCollator:
     pad_token_id: int = 0
     pad_to_multiple_of: int | None = None
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, labels, positions = [], [], []
+    def __call__(self, rows: list[dict]) -> dict:
+        input_ids, labels, positions, lengths = [], [], [], []
         for row in rows:
             input_ids += row["input_ids"]
             start = 0
@@ -72,12 +74,17 @@ class PackedCollator:
                 labels += [IGNORE_INDEX] + row["labels"][start + 1:start + length]
                 positions += range(length)
                 start += length
+            lengths += row["lengths"]
         pad = -len(input_ids) % self.pad_to_multiple_of if self.pad_to_multiple_of else 0
         input_ids += [self.pad_token_id] * pad
         labels += [IGNORE_INDEX] * pad
         positions += range(pad)
+        lengths += [pad] if pad else []
+        cu_seq_lens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions])}
+                "position_ids": torch.tensor([positions]),
+                "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max(lengths), "max_length_k": max(lengths)}
 
 
 @dataclass

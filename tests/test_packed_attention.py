@@ -172,6 +172,51 @@ def test_collator_kwargs_same_as_position_ids():
     torch.testing.assert_close(with_kwargs, from_positions, atol=0, rtol=0)
 
 
+def test_our_collator_hands_the_same_document_layout_as_transformers():
+    """sft.collate.PackedCollator's cu_seq_lens/max_length are DataCollatorWithFlattening's, and the model gives the
+    same logits with them as from the position_ids restarts alone."""
+    from sft.collate import PackedCollator
+
+    docs, _, _ = packed_batch(DOC_LENS)
+    rows = [{"input_ids": d[0].tolist(), "labels": d[0].tolist(), "lengths": [d.shape[1]]} for d in docs]
+    ours = PackedCollator()(rows)
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": d[0].tolist()} for d in docs])
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key]).to(torch.int32)), key
+    model = tiny_model(pa.VARLEN_PACKED).eval()
+    with torch.no_grad():
+        with_layout = model(**{k: v for k, v in ours.items() if k != "labels"}).logits
+        from_positions = model(input_ids=ours["input_ids"], position_ids=ours["position_ids"]).logits
+    torch.testing.assert_close(with_layout, from_positions, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("attn", [pa.VARLEN_PACKED, pa.FLEX_PACKED, "sdpa"])
+def test_packed_detection_skipped_for_ours_only(attn, monkeypatch):
+    """Without a padding mask our implementations need no mask at all: transformers' packed-sequence detection (a host
+    sync) must not run for them, and must still run, unchanged, for every other implementation."""
+    from transformers import masking_utils
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    calls = []
+
+    def counting_detection(position_ids):
+        calls.append(position_ids.shape)
+        return find_packed_sequence_indices(position_ids)
+
+    monkeypatch.setattr(modeling_qwen3_moe, "create_causal_mask", modeling_qwen3_moe.create_causal_mask)
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", counting_detection)
+    pa.skip_packed_detection()
+    pa.skip_packed_detection()  # idempotent: one wrapper
+    assert not getattr(modeling_qwen3_moe.create_causal_mask.__wrapped__, "skips_packed_detection", False)
+    docs, ids, pos = packed_batch(DOC_LENS)
+    model = tiny_model(attn).eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, position_ids=pos).logits
+        ref = torch.cat([model(input_ids=d).logits for d in docs], 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert bool(calls) == (attn == "sdpa"), calls
+
+
 @pytest.mark.parametrize("mask", [[[1] * 7, [1] * 4 + [0] * 3], [[1] * 7, [0] * 3 + [1] * 4]], ids=["right", "left"])
 def test_padded_batch_matches_eager(mask):
     mask = torch.tensor(mask)

@@ -39,6 +39,8 @@ def test_packed_collator_flattens_and_restarts_positions():
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert len(starts) == 3
     assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts)  # no label predicted across documents
+    assert batch["cu_seq_lens_q"].tolist() == [0] + starts[1:] + [10] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 5
 
 
 def test_padded_collator_masks_padding():
@@ -78,3 +80,4 @@ def test_packed_collator_pads_to_a_multiple_with_a_separate_untrained_document()
     assert batch["input_ids"].shape == (1, 16)
     assert batch["input_ids"][0, 10:].eq(7).all() and batch["labels"][0, 10:].eq(IGNORE_INDEX).all()
     assert batch["position_ids"][0, 10:].tolist() == list(range(6))  # its own document: attends only to itself
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 8, 10, 16] and batch["max_length_q"] == 6
