@@ -23,6 +23,9 @@ import zipfile
 import torch
 from transformers import AutoModelForCausalLM, Trainer
 
+from monkey_patch.errors import PatchError
+from sft.adamw import FusedAdamW, clip_grad_norm
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,6 +34,11 @@ def prepare_training_args(training_args) -> None:
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"  # real-token counts for the efficiency figures
     training_args.remove_unused_columns = False  # our examples hold exactly what the collators read ("lengths" too)
+    if training_args.dataloader_pin_memory and not training_args.accelerator_config.non_blocking:
+        # accelerate copies each batch to the GPU when the Trainer asks for it, after the previous step's optimizer
+        # was queued; a blocking copy waits for that queue to drain, so every forward would start with the GPU idle
+        # and the host launching its first kernels one by one. Pinned batches copy asynchronously instead.
+        training_args.accelerator_config.non_blocking = True
     if training_args.gradient_checkpointing and fsdp_checkpoints_activations(training_args):
         training_args.gradient_checkpointing = False  # FSDP checkpoints each decoder layer; transformers refuses both
         logger.info("--gradient_checkpointing off: the FSDP config's activation checkpointing replaces it")
@@ -99,7 +107,40 @@ def sharding_backend(training_args) -> str | None:
     return None
 
 
+TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused")
+
+
+def resolve_adamw_kernel(requested: str, training_args, sharding: str | None) -> bool:
+    """Whether the run uses our FusedAdamW (see the --adamw_kernel help); `ours` where it cannot run raises."""
+    if requested not in ("auto", "ours", "torch"):
+        raise PatchError(f"--adamw_kernel {requested!r}: choose auto, ours or torch")
+    optim = getattr(training_args.optim, "value", training_args.optim)  # an OptimizerNames member or its string
+    problems = [why for why, applies in (
+        (f"{sharding} shards the parameters", bool(sharding)),
+        ("fp16 needs the Trainer's loss-scale unscaling before clipping", training_args.fp16),
+        ("it is a CUDA kernel", training_args.device.type != "cuda"),
+        (f"--optim {optim} is not torch's AdamW", optim not in TORCH_ADAMW)) if applies]
+    if requested == "ours" and problems:
+        raise PatchError(f"--adamw_kernel ours cannot run here ({'; '.join(problems)}): use --adamw_kernel auto or "
+                         "torch")
+    return requested == "ours" or (requested == "auto" and not problems)
+
+
+def fused_adamw_setup(training_args) -> tuple[type, dict]:
+    """Trainer(optimizer_cls_and_kwargs=...) for FusedAdamW, with the hyperparameters the Trainer gives its AdamW (it
+    still groups the parameters and sets weight decay per group)."""
+    return FusedAdamW, {"lr": training_args.learning_rate, "betas": (training_args.adam_beta1, training_args.adam_beta2),
+                        "eps": training_args.adam_epsilon}
+
+
 class SFTTrainer(Trainer):
+    def _clip_grad_norm(self, model):
+        """With FusedAdamW the clipping coefficient goes to the optimizer's next step (sft/adamw.py)."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        if isinstance(optimizer, FusedAdamW):
+            return clip_grad_norm(list(model.parameters()), self.args.max_grad_norm, optimizer)
+        return super()._clip_grad_norm(model)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         if _internal_call or not self.is_fsdp_enabled or "FULL_STATE_DICT" in str(fsdp_plugin.state_dict_type):
