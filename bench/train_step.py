@@ -1,7 +1,8 @@
 """Whole training step (forward, backward, AdamW) at Qwen3-30B-A3B shapes truncated to N layers, per stack.
 
 The same code path as train.py: the `qwen3-30b-a3b` preset, `monkey_patch.apply_patches`, gradient checkpointing,
-torch AdamW, and packed padding-free batches from `sft.collate` built from a long-tailed document-length mix.
+gradient clipping and torch AdamW, packed padding-free batches from `sft.collate` built from a long-tailed
+document-length mix, and the Trainer's one host sync per step (after the backward; see `train_step` in run_one).
 
   python bench/train_step.py                         # every stack, each in its own process, then the table
   python bench/train_step.py --stacks ours,ours_fp8 --layers 8 --seq 8192 --micro_batch 1
@@ -15,8 +16,11 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
   liger_flex_compiled    as liger_compiled, with transformers' own flex_attention for the packed documents
   liger_experts_compiled LigerExperts and compiled layers (failed on packed batches in torch.compile's backward)
   ours                   our experts kernel + Liger (no swiglu; 2,048-token fused-CE chunks) + our packed attention
+                         + our AdamW kernel with gradient clipping folded in (sft/adamw.py)
+  ours_torch_adamw       ours with torch's fused AdamW and clip_grad_norm_, as the other stacks have
   ours_liger_ce_chunks   ours with Liger's own fused-CE chunk sizing (128 tokens here), what the chunking gains
   ours_kept_experts      ours with --recompute_experts false: the experts' activations kept, not recomputed
+  ours_kept_experts_torch_adamw  the same with torch's fused AdamW and clip_grad_norm_
   ours_compiled          ours with each decoder layer compiled
   ours_fp8               ours + --fp8: dense linears (torchao) and experts (scattermoe_fp8) in FP8, layers compiled
                          (as torchao recommends)
@@ -43,7 +47,9 @@ from bench.report import describe_environment, save_to_out  # noqa: E402
 # run_one's diagnostic flags and the marks their tables are printed under (main() forwards and relays them).
 DIAGNOSTICS = (("profile", "PROFILE"), ("trace", "TRACE"), ("memory", "MEMORY"), ("sync_debug", "SYNC"))
 LIGER_AS_SHIPPED = dict(liger="true", ce_chunk_tokens=0)  # the peers: Liger's own fused-CE chunk sizing
-STACKS = {  # name -> apply_patches arguments
+# Ours: what train.py runs on one GPU by default, our AdamW kernel with clipping folded in (sft/adamw.py) included.
+OURS = dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", adamw="ours")
+STACKS = {  # name -> apply_patches arguments, and `adamw`: ours or torch (fused; the default)
     "transformers": dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"),
     "liger_experts": dict(moe_kernel="liger", attn_implementation="sdpa", **LIGER_AS_SHIPPED),
     "liger_compiled": dict(moe_kernel="grouped_mm", attn_implementation="sdpa", compile_layers="true",
@@ -52,13 +58,14 @@ STACKS = {  # name -> apply_patches arguments
                                 **LIGER_AS_SHIPPED),
     "liger_experts_compiled": dict(moe_kernel="liger", attn_implementation="sdpa", compile_layers="true",
                                    **LIGER_AS_SHIPPED),
-    "ours": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto"),
-    "ours_liger_ce_chunks": dict(moe_kernel="scattermoe", attn_implementation="auto", **LIGER_AS_SHIPPED),
-    "ours_kept_experts": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", recompute_experts=False),
-    "ours_compiled": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", compile_layers="true"),
-    "ours_fp8": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True),  # compiles too
-    "ours_fp8_dense": dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", fp8=True,
-                           fp8_experts=False),
+    "ours": dict(**OURS),
+    "ours_torch_adamw": dict(OURS, adamw="torch"),
+    "ours_liger_ce_chunks": dict(OURS, **LIGER_AS_SHIPPED),
+    "ours_kept_experts": dict(OURS, recompute_experts=False),
+    "ours_kept_experts_torch_adamw": dict(OURS, recompute_experts=False, adamw="torch"),
+    "ours_compiled": dict(OURS, compile_layers="true"),
+    "ours_fp8": dict(OURS, fp8=True),  # compiles too
+    "ours_fp8_dense": dict(OURS, fp8=True, fp8_experts=False),
 }
 
 
@@ -94,7 +101,8 @@ def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: s
     real_tokens = [sum(len(r["input_ids"]) for r in group) for group in groups]  # padding excluded
     lengths_used = [n for r in rows for n in r["lengths"]]
     context = sum(n * n / 2 for n in lengths_used) / sum(lengths_used)
-    return [{k: v.to(device) for k, v in b.items()} for b in batches], real_tokens, efficiency, context
+    on_device = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]  # ints stay
+    return on_device, real_tokens, efficiency, context
 
 
 def profile_table(step, repeats: int, device: str) -> str:
@@ -124,8 +132,9 @@ def sync_table(step, device: str) -> str:
 
 
 def trace_table(step, stack: str, device: str) -> str:
-    """One `step()` recorded with Python stacks: where the GPU waited for the host (bench/idle_gaps.py). The trace
-    itself goes to $OUT/trace_<stack>.json.gz, for `python bench/idle_gaps.py` or chrome://tracing."""
+    """Two `step()`s recorded with Python stacks: where the GPU waited for the host (bench/idle_gaps.py). Two, so that
+    the second forward is launched behind the first step's queued optimizer, as in a run. The trace itself goes to
+    $OUT/trace_<stack>.json.gz, for `python bench/idle_gaps.py` or chrome://tracing."""
     import gzip
     import shutil
     import tempfile
@@ -136,6 +145,7 @@ def trace_table(step, stack: str, device: str) -> str:
     from sft.profiling import profiler_activities
 
     with profile(activities=profiler_activities(device == "cuda"), with_stack=True) as prof:
+        step()
         step()
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "trace.json")
@@ -150,41 +160,58 @@ def trace_table(step, stack: str, device: str) -> str:
 
 def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
             preset: str = "qwen3-30b-a3b", profile: bool = False, sync_debug: bool = False,
-            trace: bool = False, memory: bool = False) -> dict:
+            trace: bool = False, memory: bool = False, max_grad_norm: float = 1.0) -> dict:
     import torch
     from monkey_patch import apply_patches
+    from sft.adamw import FusedAdamW, clip_grad_norm
     from sft.metrics import flops_per_token
     from sft.model import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of this script on the tiny preset
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    patches = STACKS[stack]
+    patches = dict(STACKS[stack])
+    ours_adamw = patches.pop("adamw", "torch") == "ours" and device == "cuda"  # a Triton kernel
     with torch.device(device):  # initialise on the GPU: a CPU init of billions of parameters takes minutes
         model = load_model(preset, dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
     applied = apply_patches(model, device=device, **patches)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    optimizer = (FusedAdamW(model.parameters(), lr=1e-5) if ours_adamw else
+                 torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda"))
     warmup = 3
     fp8 = patches.get("fp8", False)  # FP8 GEMMs need token counts divisible by 16
     batches, real_tokens, efficiency, context = packed_batches(warmup + steps, micro_batch, seq,
                                                                model.config.vocab_size, device,
                                                                pad_to_multiple_of=16 if fp8 else None)
-    times, losses = [], []
+    losses, marks = [], []
+
     def train_step(batch) -> float:
+        """What train.py's Trainer runs per step (transformers 5.17 Trainer._inner_training_loop): forward, backward,
+        its NaN/inf check of the loss (a host sync, the step's only one outside the model), clip_grad_norm_ (the
+        recipes' max_grad_norm is 1.0), AdamW. The optimizer's kernels are left queued: the next step's forward is
+        launched while they run, as in train.py, where batches reach the GPU by asynchronous copies
+        (sft/trainer.py)."""
         loss = model(**batch).loss
         loss.backward()
+        value = loss.item()  # synchronizes, as the Trainer's torch.isnan(loss) does
+        marks.append(time.perf_counter())
+        if max_grad_norm > 0:
+            clip_grad_norm(list(model.parameters()), max_grad_norm, optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()  # synchronizes
+        return value
 
+    sync()
+    start = time.perf_counter()
     for i, batch in enumerate(batches):
         if i == warmup and device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sync()
-        start = time.perf_counter()
         losses.append(train_step(batch))
-        times.append(time.perf_counter() - start)
+    sync()
+    # Step i's time: from step i-1's sync to step i's, i.e. step i-1's clipping and optimizer, then step i's forward
+    # and backward: the steady state of a run, every part of a step counted once.
+    times = [b - a for a, b in zip([start] + marks, marks)]
+    marks.clear()
     shape = f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens"
 
     def show(mark: str, filename: str | None, caption: str, text: str) -> None:
@@ -193,13 +220,13 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         if filename:
             save_to_out(filename, f"{shape}{caption}\n\n{text}")
 
-    def once() -> float:  # each diagnostic runs extra steps of the last batch
+    def once() -> float:  # each diagnostic runs extra steps of the last batch (its callers synchronize around them)
         return train_step(batches[-1])
 
     if profile:  # after the timed steps, so the profiler's overhead stays out of the timings
         show("PROFILE", f"profile_{stack}.md", "", profile_table(once, repeats=3, device=device))
     if trace:
-        show("TRACE", f"idle_{stack}.md", ": one step, recorded with Python stacks (bench/idle_gaps.py)",
+        show("TRACE", f"idle_{stack}.md", ": two steps, recorded with Python stacks (bench/idle_gaps.py)",
              trace_table(once, stack, device))
     if memory:
         from bench.memory_peak import record_peak
@@ -249,13 +276,15 @@ def main() -> None:
     parser.add_argument("--micro_batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--peak_tflops", type=float, default=790.0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping as train.py's recipes "
+                        "set it (config/recipes/*.yaml: 1.0); 0 leaves it out")
     parser.add_argument("--profile", action="store_true", help="after timing, profile 3 more steps of each stack: "
                         "wall, kernel time per group (communication apart), GPU idle and the top kernels, printed and "
                         "saved as profile_<stack>.md")
     parser.add_argument("--sync_debug", action="store_true", help="after timing, run one more step under "
                         "torch.cuda.set_sync_debug_mode('warn'): where the host waits for the GPU, counted by call "
                         "site, printed and saved as sync_<stack>.md (CUDA only; skipped on a CPU)")
-    parser.add_argument("--trace", action="store_true", help="after timing, record one more step with Python stacks: "
+    parser.add_argument("--trace", action="store_true", help="after timing, record two more steps with Python stacks: "
                         "the GPU's idle gaps, each blamed on the host code that launched the kernel ending it "
                         "(bench/idle_gaps.py), printed and saved as idle_<stack>.md, the trace as trace_<stack>.json.gz")
     parser.add_argument("--memory", action="store_true", help="after timing, record one more step's allocations "
@@ -265,11 +294,12 @@ def main() -> None:
     args = parser.parse_args()
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
              "--micro_batch", str(args.micro_batch), "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops),
+             "--max_grad_norm", str(args.max_grad_norm),
              *(f"--{flag}" for flag, _ in DIAGNOSTICS if getattr(args, flag))]
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
                                              args.peak_tflops, args.preset, args.profile, args.sync_debug,
-                                             args.trace, args.memory)), flush=True)
+                                             args.trace, args.memory, args.max_grad_norm)), flush=True)
         return
     results = []
     for stack in args.stacks.split(","):
@@ -289,7 +319,8 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
     report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n"
               f"Qwen3-30B-A3B shapes, {args.layers} layers, packed rows of {args.seq} tokens x micro-batch "
-              f"{args.micro_batch}, gradient checkpointing, AdamW; median of {args.steps} steps after 3 warm-up; "
+              f"{args.micro_batch}, gradient checkpointing, clip_grad_norm_ {args.max_grad_norm or 'off'}, AdamW; "
+              f"median of {args.steps} steps after 3 warm-up; "
               f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results)}\n")
     print(report)
     save_to_out("train_step.md", report + "\n```\n" + "\n".join(json.dumps(r) for r in results) + "\n```\n")
