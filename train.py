@@ -32,7 +32,8 @@ from sft.data import DataError, load_conversations  # noqa: E402
 from sft.metrics import detect_peak_tflops, flops_per_token  # noqa: E402
 from sft.model import fsdp_rank_zero_loading, load_model, load_tokenizer  # noqa: E402
 from sft.render import tokenize_conversations  # noqa: E402
-from sft.trainer import SFTTrainer, prepare_training_args, resolve_resume, sharding_backend  # noqa: E402
+from sft.trainer import (SFTTrainer, fused_adamw_setup, prepare_training_args, resolve_adamw_kernel,  # noqa: E402
+                         resolve_resume, sharding_backend)
 
 logger = logging.getLogger("train")
 
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         sharding = sharding_backend(training_args)
         check_kept_experts(resolve_moe_kernel(patch_args.moe_kernel),
                            resolve_compile_layers(patch_args.compile_layers, patch_args.fp8, sharding), sharding)
+    ours_adamw = resolve_adamw_kernel(patch_args.adamw_kernel, training_args, sharding_backend(training_args))
+    logger.info("optimizer: %s", "FusedAdamW, gradient clipping folded in (sft/adamw.py)" if ours_adamw
+                else f"the Trainer's --optim {getattr(training_args.optim, 'value', training_args.optim)}")
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name_or_path)
     # FP8 GEMMs need token counts divisible by 16 (a packed row of 8187 tokens fails in torchao's backward).
     train_dataset, collator, context = build_training_data(data_args, tokenizer, 16 if patch_args.fp8 else None)
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                   recompute_experts=patch_args.recompute_experts)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
-                         processing_class=tokenizer)
+                         processing_class=tokenizer,
+                         optimizer_cls_and_kwargs=fused_adamw_setup(training_args) if ours_adamw else None)
     peak = patch_args.peak_tflops or detect_peak_tflops()
     add_efficiency_callback(trainer, EfficiencyCallback(flops_per_token(model.config, context), peak))
     if patch_args.profile_steps > 0:

@@ -86,6 +86,11 @@ class PatchArguments:
                 "activations, h and aw: 0.28 GiB per layer per 8K tokens at Qwen3-30B-A3B shapes (false: faster; "
                 "monkey_patch/kept_experts.py). Needs --gradient_checkpointing with use_reentrant false; one GPU only "
                 "for now (not yet verified under FSDP2 or ZeRO-3)."})
+    adamw_kernel: str = field(default="auto", metadata={
+        "help": "ours: AdamW in one Triton kernel per parameter with gradient clipping folded in (sft/adamw.py; "
+                "plain tensors only); torch: the Trainer's --optim. auto: ours on a CUDA run without FSDP or "
+                "DeepSpeed, in bf16 or fp32, when --optim is an AdamW of torch's; torch otherwise.",
+        "choices": ["auto", "ours", "torch"]})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak dense bf16 TFLOP/s of one device, for MFU; detected from the GPU name when not given."})
     profile_steps: int = field(default=0, metadata={
