@@ -1,5 +1,5 @@
-"""The Hugging Face Trainer around our runs: argument fix-ups, which checkpoint to resume, and a resume that restores
-MoE expert weights.
+"""The Hugging Face Trainer around our runs: argument fix-ups, which checkpoint to resume, a resume that restores
+MoE expert weights, and which AdamW runs (ours, sft/adamw.py, with the clipping folded in, or the Trainer's).
 
 transformers 5.17's `Trainer._load_from_checkpoint` reads model.safetensors into `load_state_dict(strict=False)`.
 Checkpoints hold the stock per-expert layout (`experts.N.gate_proj.weight`, what `save_pretrained` writes), while the
