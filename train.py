@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     prepare_training_args(training_args)
     resume = resolve_resume(training_args)
 
+    sharding = sharding_backend(training_args)
     if not patch_args.recompute_experts:  # before minutes of model loading; apply_patches checks the same
-        sharding = sharding_backend(training_args)
         check_kept_experts(resolve_moe_kernel(patch_args.moe_kernel),
                            resolve_compile_layers(patch_args.compile_layers, patch_args.fp8, sharding), sharding)
-    ours_adamw = resolve_adamw_kernel(patch_args.adamw_kernel, training_args, sharding_backend(training_args))
+    ours_adamw = resolve_adamw_kernel(patch_args.adamw_kernel, training_args, sharding)
     logger.info("optimizer: %s", "FusedAdamW, gradient clipping folded in (sft/adamw.py)" if ours_adamw
                 else f"the Trainer's --optim {getattr(training_args.optim, 'value', training_args.optim)}")
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name_or_path)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
                   fp8_recipe=patch_args.fp8_recipe, fp8_experts=patch_args.fp8_experts,
                   compile_layers=patch_args.compile_layers, device=training_args.device,
-                  sharding=sharding_backend(training_args), ce_chunk_tokens=patch_args.ce_chunk_tokens,
+                  sharding=sharding, ce_chunk_tokens=patch_args.ce_chunk_tokens,
                   recompute_experts=patch_args.recompute_experts)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,

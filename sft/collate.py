@@ -5,8 +5,9 @@ rows is sent as ONE flattened row `input_ids [1, N]` whose `position_ids` restar
 attends to another and no padding token is ever computed. The batch also carries the document boundaries the way
 transformers' DataCollatorWithFlattening hands them to varlen attention kernels (`cu_seq_lens_q/k`, `max_length_q/k`),
 computed here on the host: derived on the GPU from the restarts, the longest document's length is a host sync in
-every forward (monkey_patch/packed_attention.py reads these when present). The first label of every document is masked: in a flattened row it would otherwise be
-predicted from the previous document's last token (alone, a document's first token is never a target either).
+every forward (monkey_patch/packed_attention.py reads these when present). The first label of every document is
+masked: in a flattened row it would otherwise be predicted from the previous document's last token (alone, a
+document's first token is never a target either).
 """
 from __future__ import annotations
 
@@ -81,10 +82,11 @@ class PackedCollator:
         positions += range(pad)
         lengths += [pad] if pad else []
         cu_seq_lens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        longest = max(lengths)
         return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions]),
                 "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                "max_length_q": max(lengths), "max_length_k": max(lengths)}
+                "max_length_q": longest, "max_length_k": longest}
 
 
 @dataclass
