@@ -55,6 +55,7 @@ class FusedAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False, fused=False)
         self._grad_factor: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(_steps_on_cpu)
 
     def scale_next_gradients(self, factor: torch.Tensor) -> None:
         self._grad_factor = factor.to(torch.float32).reshape(1)
@@ -93,6 +94,14 @@ class FusedAdamW(torch.optim.AdamW):
                     1.0 - lr * weight_decay, lr / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** -0.5,
                     HAS_FACTOR=factor is not None, BLOCK=BLOCK, num_warps=8)
         return loss
+
+
+def _steps_on_cpu(optimizer: FusedAdamW) -> None:
+    """A state saved by torch's fused AdamW keeps `step` on the GPU, and torch's loader leaves it there for a
+    non-fused optimizer: `step()` would then sync with the GPU once per parameter to read it. Once, on loading."""
+    for state in optimizer.state.values():
+        if "step" in state and state["step"].device.type != "cpu":
+            state["step"] = state["step"].to("cpu", torch.float32)
 
 
 def clip_grad_norm(parameters, max_norm: float, optimizer) -> torch.Tensor:

@@ -75,6 +75,7 @@ CHECK = textwrap.dedent("""
     swapped.load_state_dict(opt.state_dict())
     again = FusedAdamW(same_groups(opt), lr=3e-2)
     again.load_state_dict(ref_opt.state_dict())
+    assert all(state["step"].device.type == "cpu" for state in again.state.values())  # read without a sync
     for p in params + ref_params:
         p.grad = torch.ones_like(p)
     swapped.step(); again.step()
