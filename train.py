@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
                   fp8_recipe=patch_args.fp8_recipe, fp8_experts=patch_args.fp8_experts,
                   compile_layers=patch_args.compile_layers, device=training_args.device,
-                  sharding=sharding, ce_chunk_tokens=patch_args.ce_chunk_tokens,
+                  sharding=sharding, ce_kernel=patch_args.ce_kernel, ce_chunk_tokens=patch_args.ce_chunk_tokens,
                   recompute_experts=patch_args.recompute_experts)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,

@@ -1,8 +1,10 @@
 """Whole training step (forward, backward, AdamW) at Qwen3-30B-A3B shapes truncated to N layers, per stack.
 
 The same code path as train.py: the `qwen3-30b-a3b` preset, `monkey_patch.apply_patches`, gradient checkpointing,
-gradient clipping and torch AdamW, packed padding-free batches from `sft.collate` built from a long-tailed
-document-length mix, and the Trainer's one host sync per step (after the backward; see `train_step` in run_one).
+gradient clipping and AdamW, packed padding-free batches from `sft.collate` built from a long-tailed document-length
+mix, and the Trainer's step: the stock Trainer's reads the loss on the host once per step (its NaN/inf check), our
+SFTTrainer's does not (sft/trainer.py); see `train_step` in run_one. A stack's time per step is the wall time of
+--steps steps after 3 warm-up steps, from a sync before the first to a sync after the last, divided by --steps.
 
   python bench/train_step.py                         # every stack, each in its own process, then the table
   python bench/train_step.py --stacks ours,ours_fp8 --layers 8 --seq 8192 --micro_batch 1
@@ -15,17 +17,20 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
                          (the best row of bench/results/baselines_h200_202611.md)
   liger_flex_compiled    as liger_compiled, with transformers' own flex_attention for the packed documents
   liger_experts_compiled LigerExperts and compiled layers (failed on packed batches in torch.compile's backward)
-  ours                   our experts kernel + Liger (no swiglu; 2,048-token fused-CE chunks) + our packed attention
-                         + our AdamW kernel with gradient clipping folded in (sft/adamw.py)
+  ours                   our experts kernel + Liger rope/rms_norm (no swiglu) with our fused linear CE (2,048-token
+                         chunks, no host sync) + our packed attention + our AdamW kernel with gradient clipping
+                         folded in (sft/adamw.py) + SFTTrainer's step, with no host sync (sft/trainer.py)
+  ours_stock_trainer     ours with the stock Trainer's step (one host sync: its NaN/inf check of the loss)
+  ours_liger_ce          ours with Liger's fused linear CE (2,048-token chunks; 3 host syncs per step)
   ours_torch_adamw       ours with torch's fused AdamW and clip_grad_norm_, as the other stacks have
-  ours_liger_ce_chunks   ours with Liger's own fused-CE chunk sizing (128 tokens here), what the chunking gains
+  ours_liger_ce_chunks   ours with Liger's fused linear CE at its own chunk sizing (128 tokens here)
   ours_kept_experts      ours with --recompute_experts false: the experts' activations kept, not recomputed
   ours_kept_experts_torch_adamw  the same with torch's fused AdamW and clip_grad_norm_
   ours_compiled          ours with each decoder layer compiled
   ours_fp8               ours + --fp8: dense linears (torchao) and experts (scattermoe_fp8) in FP8, layers compiled
                          (as torchao recommends)
   ours_fp8_dense         ours + --fp8 --fp8_experts false: FP8 for the dense linears only
-The peer of the ratio column is the fastest Liger stack of the run.
+The peers run the stock Trainer's step. The peer of the ratio column is the fastest Liger stack of the run.
 MFU is over --peak_tflops, default 790: the bf16 dense GEMM rate measured on our H200 (about 770-790),
 the same peak bench/results/baselines_h200_202611.md uses, so figures compare with it.
 """
@@ -46,10 +51,12 @@ from bench.report import describe_environment, save_to_out  # noqa: E402
 
 # run_one's diagnostic flags and the marks their tables are printed under (main() forwards and relays them).
 DIAGNOSTICS = (("profile", "PROFILE"), ("trace", "TRACE"), ("memory", "MEMORY"), ("sync_debug", "SYNC"))
-LIGER_AS_SHIPPED = dict(liger="true", ce_chunk_tokens=0)  # the peers: Liger's own fused-CE chunk sizing
-# Ours: what train.py runs on one GPU by default, our AdamW kernel with clipping folded in (sft/adamw.py) included.
-OURS = dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", adamw="ours")
-STACKS = {  # name -> apply_patches arguments, and `adamw`: ours or torch (fused; the default)
+# The peers: Liger's own fused linear CE and chunk sizing, the stock Trainer's step.
+LIGER_AS_SHIPPED = dict(liger="true", ce_kernel="liger", ce_chunk_tokens=0)
+# Ours: what train.py runs on one GPU by default, our AdamW kernel (sft/adamw.py) and SFTTrainer's step included.
+OURS = dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", ce_kernel="ours", adamw="ours",
+            trainer="ours")
+STACKS = {  # name -> apply_patches arguments; `adamw`: ours or torch (fused; the default); `trainer`: ours or stock
     "transformers": dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"),
     "liger_experts": dict(moe_kernel="liger", attn_implementation="sdpa", **LIGER_AS_SHIPPED),
     "liger_compiled": dict(moe_kernel="grouped_mm", attn_implementation="sdpa", compile_layers="true",
@@ -59,6 +66,8 @@ STACKS = {  # name -> apply_patches arguments, and `adamw`: ours or torch (fused
     "liger_experts_compiled": dict(moe_kernel="liger", attn_implementation="sdpa", compile_layers="true",
                                    **LIGER_AS_SHIPPED),
     "ours": dict(**OURS),
+    "ours_stock_trainer": dict(OURS, trainer="stock"),
+    "ours_liger_ce": dict(OURS, ce_kernel="liger"),
     "ours_torch_adamw": dict(OURS, adamw="torch"),
     "ours_liger_ce_chunks": dict(OURS, **LIGER_AS_SHIPPED),
     "ours_kept_experts": dict(OURS, recompute_experts=False),
@@ -171,6 +180,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     patches = dict(STACKS[stack])
     ours_adamw = patches.pop("adamw", "torch") == "ours" and device == "cuda"  # a Triton kernel
+    stock_trainer = patches.pop("trainer", "stock") == "stock"
     with torch.device(device):  # initialise on the GPU: a CPU init of billions of parameters takes minutes
         model = load_model(preset, dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
     applied = apply_patches(model, device=device, **patches)
@@ -183,35 +193,40 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     batches, real_tokens, efficiency, context = packed_batches(warmup + steps, micro_batch, seq,
                                                                model.config.vocab_size, device,
                                                                pad_to_multiple_of=16 if fp8 else None)
-    losses, marks = [], []
 
-    def train_step(batch) -> float:
-        """What train.py's Trainer runs per step (transformers 5.17 Trainer._inner_training_loop): forward, backward,
-        its NaN/inf check of the loss (a host sync, the step's only one outside the model), clip_grad_norm_ (the
-        recipes' max_grad_norm is 1.0), AdamW. The optimizer's kernels are left queued: the next step's forward is
-        launched while they run, as in train.py, where batches reach the GPU by asynchronous copies
-        (sft/trainer.py)."""
+    def train_step(batch) -> torch.Tensor:
+        """What train.py's Trainer runs per step (transformers 5.17 Trainer._run_epoch): forward, backward, the
+        NaN/inf check of the loss, clip_grad_norm_ (the recipes' max_grad_norm is 1.0), AdamW. The stock Trainer's
+        check reads the loss on the host (a sync); SFTTrainer's (sft/trainer.py) stays on the GPU. Nothing else waits
+        for the GPU: the next step's forward is launched while the optimizer's kernels run, as in train.py, where
+        batches reach the GPU by asynchronous copies (sft/trainer.py)."""
         loss = model(**batch).loss
         loss.backward()
-        value = loss.item()  # synchronizes, as the Trainer's torch.isnan(loss) does
-        marks.append(time.perf_counter())
+        if stock_trainer:
+            bool(torch.isnan(loss) or torch.isinf(loss))  # the stock Trainer's check: a host sync
+        else:
+            loss = torch.where(torch.isfinite(loss), loss, 0.0)  # SFTTrainer's, on the GPU
         if max_grad_norm > 0:
             clip_grad_norm(list(model.parameters()), max_grad_norm, optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return value
+        return loss.detach()
 
+    losses = []
     sync()
     start = time.perf_counter()
-    for i, batch in enumerate(batches):
-        if i == warmup and device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+    for batch in batches[:warmup]:
+        losses.append(train_step(batch))
+        sync()
+        if len(losses) == 1:
+            first_step = time.perf_counter() - start  # compilation and autotuning included
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
         losses.append(train_step(batch))
     sync()
-    # Step i's time: from step i-1's sync to step i's, i.e. step i-1's clipping and optimizer, then step i's forward
-    # and backward: the steady state of a run, every part of a step counted once.
-    times = [b - a for a, b in zip([start] + marks, marks)]
-    marks.clear()
+    seconds = (time.perf_counter() - start) / steps
     shape = f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens"
 
     def show(mark: str, filename: str | None, caption: str, text: str) -> None:
@@ -235,16 +250,17 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
              "the memory peak is a GPU's: it needs CUDA; skipped on this CPU run")
     if sync_debug:  # last: sync debug mode slows every CUDA call it checks
         show("SYNC", f"sync_{stack}.md" if device == "cuda" else None,
-             "; the bench's own loss.item() is one of the syncs", sync_table(once, device))
-    seconds = statistics.median(times[warmup:])
-    tokens = statistics.median(real_tokens[warmup:])
+             "; with the stock Trainer's step, its NaN/inf check of the loss is one of the syncs",
+             sync_table(once, device))
+    tokens = statistics.mean(real_tokens[warmup:])
     tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     return {"stack": stack, "layers": layers, "seq": seq, "micro_batch": micro_batch,
             "sec_per_step": round(seconds, 4), "tokens_per_sec": round(tokens / seconds), "tflops": round(tflops, 1),
             "mfu": round(tflops / peak_tflops, 3), "peak_gib": round(peak_gib, 2),
             "packing_efficiency": round(efficiency, 4),
-            "first_step_s": round(times[0], 1), "loss_first": round(losses[0], 3), "loss_last": round(losses[-1], 3),
+            "first_step_s": round(first_step, 1), "loss_first": round(float(losses[0]), 3),
+            "loss_last": round(float(losses[-1]), 3),
             "patches": {k: v for k, v in applied.items() if k != "fp8"}}
 
 
@@ -320,7 +336,7 @@ def main() -> None:
     report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n"
               f"Qwen3-30B-A3B shapes, {args.layers} layers, packed rows of {args.seq} tokens x micro-batch "
               f"{args.micro_batch}, gradient checkpointing, clip_grad_norm_ {args.max_grad_norm or 'off'}, AdamW; "
-              f"median of {args.steps} steps after 3 warm-up; "
+              f"mean of {args.steps} steps after 3 warm-up (wall time of the {args.steps}, synced at both ends); "
               f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results)}\n")
     print(report)
     save_to_out("train_step.md", report + "\n```\n" + "\n".join(json.dumps(r) for r in results) + "\n```\n")

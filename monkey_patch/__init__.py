@@ -3,7 +3,8 @@
 Order, and why:
   1. experts implementation: a named implementation registered with transformers (parameters keep their stock names
      and shapes, so checkpoints, ZeRO-3 and FSDP see the same tensors);
-  2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance;
+  2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance; the
+     cross-entropy inside Liger's forward is ours by default (monkey_patch/linear_cross_entropy.py: no host sync);
   3. attention implementation: chosen for the batches the run makes (packed or padded); ours also skip transformers'
      packed-sequence detection, a host sync they do not need;
   4. FP8: it converts the nn.Linear modules that remain after the swaps above, and switches our experts kernel to
@@ -63,12 +64,14 @@ def resolve_compile_layers(requested: str, fp8: bool, sharding: str | None = Non
 def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
                   attn_implementation: str = "auto", fp8: bool = False, fp8_recipe: str = "tensorwise",
                   fp8_experts: bool = True, compile_layers: str = "auto", device: torch.device | str | None = None,
-                  sharding: str | None = None, ce_chunk_tokens: int = 2048, recompute_experts: bool = True) -> dict:
+                  sharding: str | None = None, ce_kernel: str = "ours", ce_chunk_tokens: int = 2048,
+                  recompute_experts: bool = True) -> dict:
     """Apply the patches to `model` in place; returns what was chosen, for the log.
 
     `device` is where the model will train (the Trainer moves it there later); default: CUDA if available.
     `sharding` is the backend that will shard the model ("fsdp", "deepspeed") or None.
-    `ce_chunk_tokens` sizes the chunks of Liger's fused linear cross-entropy (monkey_patch/liger.py); 0 keeps Liger's.
+    `ce_kernel` computes the fused linear cross-entropy with Liger's forward: "ours" or "liger"; `ce_chunk_tokens`
+    sizes its chunks (monkey_patch/liger.py); 0 keeps Liger's own sizing (with ce_kernel="liger").
     `recompute_experts=False` keeps the experts' activations instead of recomputing them under gradient checkpointing
     (monkey_patch/kept_experts.py): our experts kernel only, uncompiled layers.
     """
@@ -89,11 +92,17 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     if ce_chunk_tokens < 0:
         raise PatchError(f"--ce_chunk_tokens {ce_chunk_tokens}: a token count per fused cross-entropy chunk (default "
                          "2048), or 0 for Liger's own sizing")
+    if ce_kernel not in ("ours", "liger"):
+        raise PatchError(f"--ce_kernel {ce_kernel!r}: choose ours or liger")
+    if ce_kernel == "ours" and ce_chunk_tokens == 0:
+        raise PatchError("--ce_chunk_tokens 0 (Liger's own chunk sizing) needs --ce_kernel liger; ours takes a token "
+                         "count (default 2048)")
     if applied["liger"] or applied["moe_kernel"] == "liger":
         chunk = ce_chunk_tokens if applied["liger"] and ce_chunk_tokens > 0 else None
         apply_liger(model, rope=applied["liger"], rms_norm=applied["liger"],
                     fused_linear_cross_entropy=applied["liger"], experts=applied["moe_kernel"] == "liger",
-                    ce_chunk_tokens=chunk)
+                    ce_kernel=ce_kernel if applied["liger"] else "liger", ce_chunk_tokens=chunk)
+    applied["ce_kernel"] = ce_kernel if applied["liger"] else "transformers"
     applied["attn_implementation"] = choose_attention(attn_implementation, device)
     model.set_attn_implementation(applied["attn_implementation"])
     if applied["attn_implementation"] in (VARLEN_PACKED, FLEX_PACKED):

@@ -65,10 +65,14 @@ class PatchArguments:
     liger: str = field(default="auto", metadata={
         "help": "Liger rope, rms_norm and fused linear cross-entropy: auto turns them on where CUDA is available.",
         "choices": ["auto", "true", "false"]})
+    ce_kernel: str = field(default="ours", metadata={
+        "help": "The fused linear cross-entropy inside Liger's forward (with --liger): ours (the same chunked "
+                "computation with no host sync, monkey_patch/linear_cross_entropy.py) or liger.",
+        "choices": ["ours", "liger"]})
     ce_chunk_tokens: int = field(default=2048, metadata={
-        "help": "Tokens per chunk of Liger's fused linear cross-entropy (with --liger): 2048 keeps the lm_head "
+        "help": "Tokens per chunk of the fused linear cross-entropy (with --liger): 2048 keeps the lm_head "
                 "gradient GEMMs efficient for 0.6 GB of transient logits at a 151,936 vocabulary; 0 keeps Liger's "
-                "own sizing (128 tokens at Qwen3-30B-A3B shapes)."})
+                "own sizing (128 tokens at Qwen3-30B-A3B shapes; --ce_kernel liger only)."})
     fp8: bool = field(default=False, metadata={
         "help": "Selective FP8 training (monkey_patch/fp8.py says what stays bf16 and why); needs SM89 or newer."})
     fp8_recipe: str = field(default="tensorwise", metadata={
