@@ -167,6 +167,18 @@ def trace_table(step, stack: str, device: str) -> str:
     return gap_table(gaps, window)
 
 
+def allocator_counts(device: str) -> dict:
+    """The caching allocator's cudaMalloc/cudaFree calls and out-of-memory retries so far: each cudaFree or retry
+    synchronizes the device without a torch op that sync debug mode would report."""
+    import torch
+
+    if device != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                                               "num_sync_all_streams")}
+
+
 def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
             preset: str = "qwen3-30b-a3b", profile: bool = False, sync_debug: bool = False,
             trace: bool = False, memory: bool = False, max_grad_norm: float = 1.0) -> dict:
@@ -222,11 +234,13 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
             first_step = time.perf_counter() - start  # compilation and autotuning included
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    allocator_before = allocator_counts(device)
     start = time.perf_counter()
     for batch in batches[warmup:]:
         losses.append(train_step(batch))
     sync()
     seconds = (time.perf_counter() - start) / steps
+    allocator = {k: v - allocator_before[k] for k, v in allocator_counts(device).items()}
     shape = f"Stack {stack}, {layers} layers, {seq} x {micro_batch} tokens"
 
     def show(mark: str, filename: str | None, caption: str, text: str) -> None:
@@ -258,7 +272,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     return {"stack": stack, "layers": layers, "seq": seq, "micro_batch": micro_batch,
             "sec_per_step": round(seconds, 4), "tokens_per_sec": round(tokens / seconds), "tflops": round(tflops, 1),
             "mfu": round(tflops / peak_tflops, 3), "peak_gib": round(peak_gib, 2),
-            "packing_efficiency": round(efficiency, 4),
+            "packing_efficiency": round(efficiency, 4), "allocator_in_timed_steps": allocator,
             "first_step_s": round(first_step, 1), "loss_first": round(float(losses[0]), 3),
             "loss_last": round(float(losses[-1]), 3),
             "patches": {k: v for k, v in applied.items() if k != "fp8"}}
