@@ -67,6 +67,8 @@ STACKS = {  # name -> apply_patches arguments; `adamw`: ours or torch (fused; th
                                    **LIGER_AS_SHIPPED),
     "ours": dict(**OURS),
     "ours_stock_trainer": dict(OURS, trainer="stock"),
+    "ours_bounded": dict(OURS, trainer="bounded"),
+    "ours_bounded_torch_adamw": dict(OURS, trainer="bounded", adamw="torch"),
     "ours_liger_ce": dict(OURS, ce_kernel="liger"),
     "ours_torch_adamw": dict(OURS, adamw="torch"),
     "ours_liger_ce_chunks": dict(OURS, **LIGER_AS_SHIPPED),
@@ -192,7 +194,8 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     patches = dict(STACKS[stack])
     ours_adamw = patches.pop("adamw", "torch") == "ours" and device == "cuda"  # a Triton kernel
-    stock_trainer = patches.pop("trainer", "stock") == "stock"
+    trainer = patches.pop("trainer", "stock")
+    stock_trainer = trainer == "stock"
     with torch.device(device):  # initialise on the GPU: a CPU init of billions of parameters takes minutes
         model = load_model(preset, dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
     applied = apply_patches(model, device=device, **patches)
@@ -213,7 +216,12 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         for the GPU: the next step's forward is launched while the optimizer's kernels run, as in train.py, where
         batches reach the GPU by asynchronous copies (sft/trainer.py)."""
         loss = model(**batch).loss
+        forward_done = torch.cuda.Event() if trainer == "bounded" else None
+        if forward_done is not None:
+            forward_done.record()
         loss.backward()
+        if forward_done is not None:
+            forward_done.synchronize()
         if stock_trainer:
             bool(torch.isnan(loss) or torch.isinf(loss))  # the stock Trainer's check: a host sync
         else:

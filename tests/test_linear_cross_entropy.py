@@ -123,6 +123,7 @@ GPU_CHECK = textwrap.dedent("""
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernel needs a CUDA GPU")
 def test_bf16_on_gpu_as_close_as_liger_and_without_host_syncs():
-    proc = subprocess.run([sys.executable, "-c", GPU_CHECK], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))  # keep the site's
+    proc = subprocess.run([sys.executable, "-c", GPU_CHECK], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -139,6 +139,7 @@ GPU_CHECK = textwrap.dedent("""
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU's (torch.cuda.set_sync_debug_mode)")
 def test_gpu_steps_between_logs_have_no_host_sync():
-    proc = subprocess.run([sys.executable, "-c", GPU_CHECK], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=600)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))  # keep the site's
+    proc = subprocess.run([sys.executable, "-c", GPU_CHECK], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
