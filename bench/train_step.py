@@ -2,9 +2,9 @@
 
 The same code path as train.py: the `qwen3-30b-a3b` preset, `monkey_patch.apply_patches`, gradient checkpointing,
 gradient clipping and AdamW, packed padding-free batches from `sft.collate` built from a long-tailed document-length
-mix, and the Trainer's step: the stock Trainer's reads the loss on the host once per step (its NaN/inf check), our
-SFTTrainer's does not (sft/trainer.py); see `train_step` in run_one. A stack's time per step is the wall time of
---steps steps after 3 warm-up steps, from a sync before the first to a sync after the last, divided by --steps.
+mix, and the Trainer's step, whose NaN/inf check of the loss reads it on the host once per step (see `train_step` in
+run_one). A stack's time per step is the wall time of --steps steps after 3 warm-up steps, from a sync before the
+first to a sync after the last, divided by --steps.
 
   python bench/train_step.py                         # every stack, each in its own process, then the table
   python bench/train_step.py --stacks ours,ours_fp8 --layers 8 --seq 8192 --micro_batch 1
@@ -19,9 +19,8 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
   liger_experts_compiled LigerExperts and compiled layers (failed on packed batches in torch.compile's backward)
   ours                   our experts kernel + Liger rope/rms_norm (no swiglu) with our fused linear CE (2,048-token
                          chunks, no host sync) + our packed attention + our AdamW kernel with gradient clipping
-                         folded in (sft/adamw.py) + SFTTrainer's step, with no host sync (sft/trainer.py)
-  ours_stock_trainer     ours with the stock Trainer's step (one host sync: its NaN/inf check of the loss)
-  ours_liger_ce          ours with Liger's fused linear CE (2,048-token chunks; 3 host syncs per step)
+                         folded in (sft/adamw.py)
+  ours_liger_ce          ours with Liger's fused linear CE (2,048-token chunks; 3 more host syncs per step)
   ours_torch_adamw       ours with torch's fused AdamW and clip_grad_norm_, as the other stacks have
   ours_liger_ce_chunks   ours with Liger's fused linear CE at its own chunk sizing (128 tokens here)
   ours_kept_experts      ours with --recompute_experts false: the experts' activations kept, not recomputed
@@ -30,7 +29,7 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
   ours_fp8               ours + --fp8: dense linears (torchao) and experts (scattermoe_fp8) in FP8, layers compiled
                          (as torchao recommends)
   ours_fp8_dense         ours + --fp8 --fp8_experts false: FP8 for the dense linears only
-The peers run the stock Trainer's step. The peer of the ratio column is the fastest Liger stack of the run.
+The peer of the ratio column is the fastest Liger stack of the run.
 MFU is over --peak_tflops, default 790: the bf16 dense GEMM rate measured on our H200 (about 770-790),
 the same peak bench/results/baselines_h200_202611.md uses, so figures compare with it.
 """
@@ -51,12 +50,10 @@ from bench.report import describe_environment, save_to_out  # noqa: E402
 
 # run_one's diagnostic flags and the marks their tables are printed under (main() forwards and relays them).
 DIAGNOSTICS = (("profile", "PROFILE"), ("trace", "TRACE"), ("memory", "MEMORY"), ("sync_debug", "SYNC"))
-# The peers: Liger's own fused linear CE and chunk sizing, the stock Trainer's step.
-LIGER_AS_SHIPPED = dict(liger="true", ce_kernel="liger", ce_chunk_tokens=0)
-# Ours: what train.py runs on one GPU by default, our AdamW kernel (sft/adamw.py) and SFTTrainer's step included.
-OURS = dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", ce_kernel="ours", adamw="ours",
-            trainer="ours")
-STACKS = {  # name -> apply_patches arguments; `adamw`: ours or torch (fused; the default); `trainer`: ours or stock
+LIGER_AS_SHIPPED = dict(liger="true", ce_kernel="liger", ce_chunk_tokens=0)  # the peers: Liger's fused CE as shipped
+# Ours: what train.py runs on one GPU by default, our AdamW kernel with clipping folded in (sft/adamw.py) included.
+OURS = dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", ce_kernel="ours", adamw="ours")
+STACKS = {  # name -> apply_patches arguments, and `adamw`: ours or torch (fused; the default)
     "transformers": dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"),
     "liger_experts": dict(moe_kernel="liger", attn_implementation="sdpa", **LIGER_AS_SHIPPED),
     "liger_compiled": dict(moe_kernel="grouped_mm", attn_implementation="sdpa", compile_layers="true",
@@ -66,9 +63,6 @@ STACKS = {  # name -> apply_patches arguments; `adamw`: ours or torch (fused; th
     "liger_experts_compiled": dict(moe_kernel="liger", attn_implementation="sdpa", compile_layers="true",
                                    **LIGER_AS_SHIPPED),
     "ours": dict(**OURS),
-    "ours_stock_trainer": dict(OURS, trainer="stock"),
-    "ours_bounded": dict(OURS, trainer="bounded"),
-    "ours_bounded_torch_adamw": dict(OURS, trainer="bounded", adamw="torch"),
     "ours_liger_ce": dict(OURS, ce_kernel="liger"),
     "ours_torch_adamw": dict(OURS, adamw="torch"),
     "ours_liger_ce_chunks": dict(OURS, **LIGER_AS_SHIPPED),
@@ -194,8 +188,6 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     patches = dict(STACKS[stack])
     ours_adamw = patches.pop("adamw", "torch") == "ours" and device == "cuda"  # a Triton kernel
-    trainer = patches.pop("trainer", "stock")
-    stock_trainer = trainer == "stock"
     with torch.device(device):  # initialise on the GPU: a CPU init of billions of parameters takes minutes
         model = load_model(preset, dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
     applied = apply_patches(model, device=device, **patches)
@@ -210,22 +202,13 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
                                                                pad_to_multiple_of=16 if fp8 else None)
 
     def train_step(batch) -> torch.Tensor:
-        """What train.py's Trainer runs per step (transformers 5.17 Trainer._run_epoch): forward, backward, the
-        NaN/inf check of the loss, clip_grad_norm_ (the recipes' max_grad_norm is 1.0), AdamW. The stock Trainer's
-        check reads the loss on the host (a sync); SFTTrainer's (sft/trainer.py) stays on the GPU. Nothing else waits
-        for the GPU: the next step's forward is launched while the optimizer's kernels run, as in train.py, where
-        batches reach the GPU by asynchronous copies (sft/trainer.py)."""
+        """What train.py's Trainer runs per step (transformers 5.17 Trainer._run_epoch): forward, backward, its
+        NaN/inf check of the loss (host syncs, the step's only ones outside the model), clip_grad_norm_ (the recipes'
+        max_grad_norm is 1.0), AdamW. The optimizer's kernels are left queued: the next step's forward is launched
+        while they run, as in train.py, where batches reach the GPU by asynchronous copies (sft/trainer.py)."""
         loss = model(**batch).loss
-        forward_done = torch.cuda.Event() if trainer == "bounded" else None
-        if forward_done is not None:
-            forward_done.record()
         loss.backward()
-        if forward_done is not None:
-            forward_done.synchronize()
-        if stock_trainer:
-            bool(torch.isnan(loss) or torch.isinf(loss))  # the stock Trainer's check: a host sync
-        else:
-            loss = torch.where(torch.isfinite(loss), loss, 0.0)  # SFTTrainer's, on the GPU
+        bool(torch.isnan(loss) or torch.isinf(loss))  # the Trainer's check reads the loss on the host
         if max_grad_norm > 0:
             clip_grad_norm(list(model.parameters()), max_grad_norm, optimizer)
         optimizer.step()
@@ -272,8 +255,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
              "the memory peak is a GPU's: it needs CUDA; skipped on this CPU run")
     if sync_debug:  # last: sync debug mode slows every CUDA call it checks
         show("SYNC", f"sync_{stack}.md" if device == "cuda" else None,
-             "; with the stock Trainer's step, its NaN/inf check of the loss is one of the syncs",
-             sync_table(once, device))
+             "; the Trainer's NaN/inf check of the loss is one of the syncs", sync_table(once, device))
     tokens = statistics.mean(real_tokens[warmup:])
     tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0

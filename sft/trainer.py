@@ -1,15 +1,5 @@
 """The Hugging Face Trainer around our runs: argument fix-ups, which checkpoint to resume, a resume that restores
-MoE expert weights, which AdamW runs (ours, sft/adamw.py, with the clipping folded in, or the Trainer's), and a step
-that never waits for the GPU.
-
-Host syncs: transformers 5.17's Trainer reads two numbers to the host in every step, each a sync that empties the
-GPU's queue: the loss, for its NaN/inf filter (`logging_nan_inf_filter`, on by default), and the step's input-token
-count (`include_num_input_tokens_seen`, which we turn on for the efficiency figures). After such a sync the next
-kernels run only as fast as the host launches them (bench/results/train_step_h200_202611.md, runs 5 and 6). SFTTrainer
-does both on the GPU: a non-finite loss is replaced there by the same value the Trainer would add (the mean of the
-losses since the last log), and the token count accumulates there and reaches `state.num_input_tokens_seen` when the
-Trainer is about to log, evaluate, save or stop. With our fused cross-entropy (monkey_patch/linear_cross_entropy.py)
-and AdamW, a step between two logging steps then has no host sync at all (tests/test_trainer_syncs.py).
+MoE expert weights, and which AdamW runs (ours, sft/adamw.py, with the clipping folded in, or the Trainer's).
 
 transformers 5.17's `Trainer._load_from_checkpoint` reads model.safetensors into `load_state_dict(strict=False)`.
 Checkpoints hold the stock per-expert layout (`experts.N.gate_proj.weight`, what `save_pretrained` writes), while the
@@ -144,49 +134,6 @@ def fused_adamw_setup(training_args) -> tuple[type, dict]:
 
 
 class SFTTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # The Trainer's filter reads each loss on the host; training_step applies the same rule on the GPU instead.
-        self._filter_non_finite_losses, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
-        self._unread_input_tokens: torch.Tensor | None = None
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._filter_non_finite_losses:  # what Trainer._run_epoch adds for a NaN/inf loss, chosen on the GPU
-            mean_since_log = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
-            loss = torch.where(torch.isfinite(loss), loss, mean_since_log)
-        return loss
-
-    def _track_num_input_tokens(self, inputs):
-        """The Trainer's count (all tokens, or non-padding ones), kept on the device until it is read."""
-        mode, name = self.args.include_num_input_tokens_seen, getattr(self.model, "main_input_name", "input_ids")
-        if mode == "no" or name not in inputs:
-            return super()._track_num_input_tokens(inputs)  # nothing to count, or the Trainer's warning
-        pad_token_id = getattr(self.processing_class, "pad_token_id", None)
-        if mode != "non_padding":  # filled on the device rather than copied from the host
-            count = torch.full((), inputs[name].numel(), dtype=torch.int64, device=self.args.device)
-        elif "attention_mask" in inputs:
-            count = inputs["attention_mask"].sum()
-        elif pad_token_id is not None:
-            count = (inputs[name] != pad_token_id).sum()
-        else:
-            return super()._track_num_input_tokens(inputs)  # the Trainer's warning and its fallback
-        count = count.to(self.args.device, torch.int64)
-        self._unread_input_tokens = count if self._unread_input_tokens is None else self._unread_input_tokens + count
-
-    def _read_input_tokens(self) -> None:
-        """Adds the tokens counted since the last read to state.num_input_tokens_seen (a collective on every rank)."""
-        if self._unread_input_tokens is not None:
-            unread, self._unread_input_tokens = self._unread_input_tokens, None
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(unread.reshape(1)).sum().item())
-
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        control = self.control  # the same on every rank, so every rank joins the gather
-        if (control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
-                or control.should_epoch_stop):
-            self._read_input_tokens()
-        return super()._maybe_log_save_evaluate(*args, **kwargs)
-
     def _clip_grad_norm(self, model):
         """With FusedAdamW the clipping coefficient goes to the optimizer's next step (sft/adamw.py)."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it

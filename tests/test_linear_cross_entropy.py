@@ -101,7 +101,7 @@ GPU_CHECK = textwrap.dedent("""
     count = (t != -100).sum()
 
     def run(fn, dtype):
-        x, w = x0.to(dtype).requires_grad_(), w0.to(dtype).requires_grad_()
+        x, w = x0.to(dtype).clone().requires_grad_(), w0.to(dtype).clone().requires_grad_()  # fresh leaves
         loss = fn(x, w)
         (2 * loss).backward()
         return loss.float(), x.grad.float(), w.grad.float()
