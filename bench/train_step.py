@@ -3,8 +3,11 @@
 The same code path as train.py: the `qwen3-30b-a3b` preset, `monkey_patch.apply_patches`, gradient checkpointing,
 gradient clipping and AdamW, packed padding-free batches from `sft.collate` built from a long-tailed document-length
 mix, and the Trainer's step, whose NaN/inf check of the loss reads it on the host once per step (see `train_step` in
-run_one). A stack's time per step is the wall time of --steps steps after 3 warm-up steps, from a sync before the
-first to a sync after the last, divided by --steps.
+run_one). Every batch is run once to warm up, then again timed: the time per step is the wall time of the --steps
+timed steps, from a sync before the first to a sync after the last, divided by --steps. The warm-up pass compiles
+what the batches' shapes need (Triton specialises kernels on their integer arguments, torch.compile on shapes), so
+no compilation lands in the timed window: with 3 warm-up batches, the first stack of a run paid Triton compilations
+inside it (caches are per machine, later stacks loaded them from disk).
 
   python bench/train_step.py                         # every stack, each in its own process, then the table
   python bench/train_step.py --stacks ours,ours_fp8 --layers 8 --seq 8192 --micro_batch 1
@@ -21,6 +24,7 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
                          chunks, no host sync) + our packed attention + our AdamW kernel with gradient clipping
                          folded in (sft/adamw.py)
   ours_liger_ce          ours with Liger's fused linear CE (2,048-token chunks; 3 more host syncs per step)
+  ours_no_trainer_sync   ours without the Trainer's NaN/inf check (no host sync in the step; an experiment)
   ours_torch_adamw       ours with torch's fused AdamW and clip_grad_norm_, as the other stacks have
   ours_liger_ce_chunks   ours with Liger's fused linear CE at its own chunk sizing (128 tokens here)
   ours_kept_experts      ours with --recompute_experts false: the experts' activations kept, not recomputed
@@ -64,6 +68,7 @@ STACKS = {  # name -> apply_patches arguments, and `adamw`: ours or torch (fused
                                    **LIGER_AS_SHIPPED),
     "ours": dict(**OURS),
     "ours_liger_ce": dict(OURS, ce_kernel="liger"),
+    "ours_no_trainer_sync": dict(OURS, trainer_sync=False),
     "ours_torch_adamw": dict(OURS, adamw="torch"),
     "ours_liger_ce_chunks": dict(OURS, **LIGER_AS_SHIPPED),
     "ours_kept_experts": dict(OURS, recompute_experts=False),
@@ -188,6 +193,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     patches = dict(STACKS[stack])
     ours_adamw = patches.pop("adamw", "torch") == "ours" and device == "cuda"  # a Triton kernel
+    trainer_sync = patches.pop("trainer_sync", True)
     with torch.device(device):  # initialise on the GPU: a CPU init of billions of parameters takes minutes
         model = load_model(preset, dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
     applied = apply_patches(model, device=device, **patches)
@@ -195,11 +201,9 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     model.train()
     optimizer = (FusedAdamW(model.parameters(), lr=1e-5) if ours_adamw else
                  torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda"))
-    warmup = 3
     fp8 = patches.get("fp8", False)  # FP8 GEMMs need token counts divisible by 16
-    batches, real_tokens, efficiency, context = packed_batches(warmup + steps, micro_batch, seq,
-                                                               model.config.vocab_size, device,
-                                                               pad_to_multiple_of=16 if fp8 else None)
+    batches, real_tokens, efficiency, context = packed_batches(steps, micro_batch, seq, model.config.vocab_size,
+                                                               device, pad_to_multiple_of=16 if fp8 else None)
 
     def train_step(batch) -> torch.Tensor:
         """What train.py's Trainer runs per step (transformers 5.17 Trainer._run_epoch): forward, backward, its
@@ -208,7 +212,8 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         while they run, as in train.py, where batches reach the GPU by asynchronous copies (sft/trainer.py)."""
         loss = model(**batch).loss
         loss.backward()
-        bool(torch.isnan(loss) or torch.isinf(loss))  # the Trainer's check reads the loss on the host
+        if trainer_sync:
+            bool(torch.isnan(loss) or torch.isinf(loss))  # the Trainer's check reads the loss on the host
         if max_grad_norm > 0:
             clip_grad_norm(list(model.parameters()), max_grad_norm, optimizer)
         optimizer.step()
@@ -218,7 +223,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     losses = []
     sync()
     start = time.perf_counter()
-    for batch in batches[:warmup]:
+    for batch in batches:  # the warm-up pass: every shape the timed pass will see, compiled once
         losses.append(train_step(batch))
         sync()
         if len(losses) == 1:
@@ -227,7 +232,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         torch.cuda.reset_peak_memory_stats()
     allocator_before = allocator_counts(device)
     start = time.perf_counter()
-    for batch in batches[warmup:]:
+    for batch in batches:
         losses.append(train_step(batch))
     sync()
     seconds = (time.perf_counter() - start) / steps
@@ -256,7 +261,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     if sync_debug:  # last: sync debug mode slows every CUDA call it checks
         show("SYNC", f"sync_{stack}.md" if device == "cuda" else None,
              "; the Trainer's NaN/inf check of the loss is one of the syncs", sync_table(once, device))
-    tokens = statistics.mean(real_tokens[warmup:])
+    tokens = statistics.mean(real_tokens)
     tflops = tokens / seconds * flops_per_token(model.config, context) / 1e12
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     return {"stack": stack, "layers": layers, "seq": seq, "micro_batch": micro_batch,
@@ -340,7 +345,8 @@ def main() -> None:
     report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n"
               f"Qwen3-30B-A3B shapes, {args.layers} layers, packed rows of {args.seq} tokens x micro-batch "
               f"{args.micro_batch}, gradient checkpointing, clip_grad_norm_ {args.max_grad_norm or 'off'}, AdamW; "
-              f"mean of {args.steps} steps after 3 warm-up (wall time of the {args.steps}, synced at both ends); "
+              f"mean of {args.steps} steps, each batch run once before to warm up (wall time of the timed steps, "
+              f"synced at both ends); "
               f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results)}\n")
     print(report)
     save_to_out("train_step.md", report + "\n```\n" + "\n".join(json.dumps(r) for r in results) + "\n```\n")
