@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     resume = resolve_resume(training_args)
 
     sharding = sharding_backend(training_args)
-    if not patch_args.recompute_experts:  # before minutes of model loading; apply_patches checks the same
+    if patch_args.recompute_experts == "false":  # before minutes of model loading; apply_patches checks the same
         check_kept_experts(resolve_moe_kernel(patch_args.moe_kernel),
                            resolve_compile_layers(patch_args.compile_layers, patch_args.fp8, sharding), sharding)
     ours_adamw = resolve_adamw_kernel(patch_args.adamw_kernel, training_args, sharding)
@@ -89,12 +89,16 @@ def main(argv: list[str] | None = None) -> None:
         model.to("cpu")
     logger.info("model %s: %s parameters on %s", model_args.model_name_or_path,
                 f"{sum(p.numel() for p in model.parameters()):,}", next(model.parameters()).device)
+    recompute_experts, checkpoint_kwargs = patch_args.recompute_experts, training_args.gradient_checkpointing_kwargs or {}
+    if recompute_experts == "auto" and (checkpoint_kwargs.get("use_reentrant") or "context_fn" in checkpoint_kwargs):
+        recompute_experts = "true"  # keeping needs torch's non-reentrant checkpoint without a context_fn of its own
     apply_patches(model, moe_kernel=patch_args.moe_kernel, liger=patch_args.liger,
                   attn_implementation=model_args.attn_implementation, fp8=patch_args.fp8,
                   fp8_recipe=patch_args.fp8_recipe, fp8_experts=patch_args.fp8_experts,
                   compile_layers=patch_args.compile_layers, device=training_args.device,
-                  sharding=sharding, ce_kernel=patch_args.ce_kernel, ce_chunk_tokens=patch_args.ce_chunk_tokens,
-                  recompute_experts=patch_args.recompute_experts)
+                  sharding=sharding, ce_chunk_tokens=patch_args.ce_chunk_tokens,
+                  recompute_experts=recompute_experts,
+                  tokens_per_micro_batch=data_args.max_seq_length * training_args.per_device_train_batch_size)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
                          processing_class=tokenizer,

@@ -20,15 +20,12 @@ Stacks (each in a fresh process: Liger's patches are class-level and would leak 
                          (the best row of bench/results/baselines_h200_202611.md)
   liger_flex_compiled    as liger_compiled, with transformers' own flex_attention for the packed documents
   liger_experts_compiled LigerExperts and compiled layers (failed on packed batches in torch.compile's backward)
-  ours                   our experts kernel + Liger rope/rms_norm (no swiglu) with our fused linear CE (2,048-token
-                         chunks, no host sync) + our packed attention + our AdamW kernel with gradient clipping
-                         folded in (sft/adamw.py)
-  ours_liger_ce          ours with Liger's fused linear CE (2,048-token chunks; 3 more host syncs per step)
-  ours_no_trainer_sync   ours without the Trainer's NaN/inf check (no host sync in the step; an experiment)
+  ours                   our experts kernel + Liger (no swiglu; 2,048-token fused-CE chunks) + our packed attention
+                         + our AdamW kernel with gradient clipping folded in (sft/adamw.py)
   ours_torch_adamw       ours with torch's fused AdamW and clip_grad_norm_, as the other stacks have
-  ours_liger_ce_chunks   ours with Liger's fused linear CE at its own chunk sizing (128 tokens here)
-  ours_kept_experts      ours with --recompute_experts false: the experts' activations kept, not recomputed
-  ours_kept_experts_torch_adamw  the same with torch's fused AdamW and clip_grad_norm_
+  ours_liger_ce_chunks   ours with Liger's own fused-CE chunk sizing (128 tokens here), what the chunking gains
+  ours_recompute_experts ours with --recompute_experts true: the experts recomputed in the backward (the default,
+                         auto, keeps their activations where the peak cannot rise: at 8 layers and 8K tokens it does)
   ours_compiled          ours with each decoder layer compiled
   ours_fp8               ours + --fp8: dense linears (torchao) and experts (scattermoe_fp8) in FP8, layers compiled
                          (as torchao recommends)
@@ -54,9 +51,9 @@ from bench.report import describe_environment, save_to_out  # noqa: E402
 
 # run_one's diagnostic flags and the marks their tables are printed under (main() forwards and relays them).
 DIAGNOSTICS = (("profile", "PROFILE"), ("trace", "TRACE"), ("memory", "MEMORY"), ("sync_debug", "SYNC"))
-LIGER_AS_SHIPPED = dict(liger="true", ce_kernel="liger", ce_chunk_tokens=0)  # the peers: Liger's fused CE as shipped
+LIGER_AS_SHIPPED = dict(liger="true", ce_chunk_tokens=0)  # the peers: Liger's own fused-CE chunk sizing
 # Ours: what train.py runs on one GPU by default, our AdamW kernel with clipping folded in (sft/adamw.py) included.
-OURS = dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", ce_kernel="ours", adamw="ours")
+OURS = dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", adamw="ours", recompute_experts="auto")
 STACKS = {  # name -> apply_patches arguments, and `adamw`: ours or torch (fused; the default)
     "transformers": dict(moe_kernel="grouped_mm", liger="false", attn_implementation="sdpa"),
     "liger_experts": dict(moe_kernel="liger", attn_implementation="sdpa", **LIGER_AS_SHIPPED),
@@ -67,12 +64,9 @@ STACKS = {  # name -> apply_patches arguments, and `adamw`: ours or torch (fused
     "liger_experts_compiled": dict(moe_kernel="liger", attn_implementation="sdpa", compile_layers="true",
                                    **LIGER_AS_SHIPPED),
     "ours": dict(**OURS),
-    "ours_liger_ce": dict(OURS, ce_kernel="liger"),
-    "ours_no_trainer_sync": dict(OURS, trainer_sync=False),
     "ours_torch_adamw": dict(OURS, adamw="torch"),
     "ours_liger_ce_chunks": dict(OURS, **LIGER_AS_SHIPPED),
-    "ours_kept_experts": dict(OURS, recompute_experts=False),
-    "ours_kept_experts_torch_adamw": dict(OURS, recompute_experts=False, adamw="torch"),
+    "ours_recompute_experts": dict(OURS, recompute_experts="true"),
     "ours_compiled": dict(OURS, compile_layers="true"),
     "ours_fp8": dict(OURS, fp8=True),  # compiles too
     "ours_fp8_dense": dict(OURS, fp8=True, fp8_experts=False),
@@ -193,10 +187,9 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     patches = dict(STACKS[stack])
     ours_adamw = patches.pop("adamw", "torch") == "ours" and device == "cuda"  # a Triton kernel
-    trainer_sync = patches.pop("trainer_sync", True)
     with torch.device(device):  # initialise on the GPU: a CPU init of billions of parameters takes minutes
         model = load_model(preset, dtype=torch.bfloat16, config_overrides={"num_hidden_layers": layers})
-    applied = apply_patches(model, device=device, **patches)
+    applied = apply_patches(model, device=device, tokens_per_micro_batch=seq * micro_batch, **patches)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = (FusedAdamW(model.parameters(), lr=1e-5) if ours_adamw else
@@ -212,8 +205,7 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
         while they run, as in train.py, where batches reach the GPU by asynchronous copies (sft/trainer.py)."""
         loss = model(**batch).loss
         loss.backward()
-        if trainer_sync:
-            bool(torch.isnan(loss) or torch.isinf(loss))  # the Trainer's check reads the loss on the host
+        bool(torch.isnan(loss) or torch.isinf(loss))  # the Trainer's check reads the loss on the host
         if max_grad_norm > 0:
             clip_grad_norm(list(model.parameters()), max_grad_norm, optimizer)
         optimizer.step()

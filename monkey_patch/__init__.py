@@ -3,16 +3,15 @@
 Order, and why:
   1. experts implementation: a named implementation registered with transformers (parameters keep their stock names
      and shapes, so checkpoints, ZeRO-3 and FSDP see the same tensors);
-  2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance; the
-     cross-entropy inside Liger's forward is ours by default (monkey_patch/linear_cross_entropy.py: no host sync);
+  2. Liger rope / rms_norm / fused linear cross-entropy: module and forward swaps on the instance;
   3. attention implementation: chosen for the batches the run makes (packed or padded); ours also skip transformers'
      packed-sequence detection, a host sync they do not need;
   4. FP8: it converts the nn.Linear modules that remain after the swaps above, and switches our experts kernel to
      its FP8 variant (`scattermoe_fp8`) unless `fp8_experts=False`;
   5. torch.compile of each decoder layer last, so it traces the final modules (in place: FSDP still finds the
      decoder-layer class to wrap);
-  6. with recompute_experts=False, the experts' activations are kept under gradient checkpointing
-     (monkey_patch/kept_experts.py).
+  6. recompute_experts: whether the experts' activations are kept under gradient checkpointing
+     (monkey_patch/kept_experts.py; `auto` keeps them where the step's peak cannot rise).
 Every step is idempotent and logged; an unsupported combination raises PatchError, whose message says how to fix it.
 """
 from __future__ import annotations
@@ -64,16 +63,16 @@ def resolve_compile_layers(requested: str, fp8: bool, sharding: str | None = Non
 def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str = "auto",
                   attn_implementation: str = "auto", fp8: bool = False, fp8_recipe: str = "tensorwise",
                   fp8_experts: bool = True, compile_layers: str = "auto", device: torch.device | str | None = None,
-                  sharding: str | None = None, ce_kernel: str = "ours", ce_chunk_tokens: int = 2048,
-                  recompute_experts: bool = True) -> dict:
+                  sharding: str | None = None, ce_chunk_tokens: int = 2048, recompute_experts: bool | str = True,
+                  tokens_per_micro_batch: int | None = None) -> dict:
     """Apply the patches to `model` in place; returns what was chosen, for the log.
 
     `device` is where the model will train (the Trainer moves it there later); default: CUDA if available.
     `sharding` is the backend that will shard the model ("fsdp", "deepspeed") or None.
-    `ce_kernel` computes the fused linear cross-entropy with Liger's forward: "ours" or "liger"; `ce_chunk_tokens`
-    sizes its chunks (monkey_patch/liger.py); 0 keeps Liger's own sizing (with ce_kernel="liger").
-    `recompute_experts=False` keeps the experts' activations instead of recomputing them under gradient checkpointing
-    (monkey_patch/kept_experts.py): our experts kernel only, uncompiled layers.
+    `ce_chunk_tokens` sizes the chunks of Liger's fused linear cross-entropy (monkey_patch/liger.py); 0 keeps Liger's.
+    `recompute_experts` False (or "false") keeps the experts' activations instead of recomputing them under gradient
+    checkpointing (monkey_patch/kept_experts.py): our experts kernel only, uncompiled layers, no sharding; "auto"
+    keeps them when they total at most half the gradients for `tokens_per_micro_batch` tokens.
     """
     from monkey_patch.liger import apply_liger
     from monkey_patch.packed_attention import FLEX_PACKED, VARLEN_PACKED, choose_attention, skip_packed_detection
@@ -92,17 +91,11 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     if ce_chunk_tokens < 0:
         raise PatchError(f"--ce_chunk_tokens {ce_chunk_tokens}: a token count per fused cross-entropy chunk (default "
                          "2048), or 0 for Liger's own sizing")
-    if ce_kernel not in ("ours", "liger"):
-        raise PatchError(f"--ce_kernel {ce_kernel!r}: choose ours or liger")
-    if ce_kernel == "ours" and ce_chunk_tokens == 0:
-        raise PatchError("--ce_chunk_tokens 0 (Liger's own chunk sizing) needs --ce_kernel liger; ours takes a token "
-                         "count (default 2048)")
     if applied["liger"] or applied["moe_kernel"] == "liger":
         chunk = ce_chunk_tokens if applied["liger"] and ce_chunk_tokens > 0 else None
         apply_liger(model, rope=applied["liger"], rms_norm=applied["liger"],
                     fused_linear_cross_entropy=applied["liger"], experts=applied["moe_kernel"] == "liger",
-                    ce_kernel=ce_kernel if applied["liger"] else "liger", ce_chunk_tokens=chunk)
-    applied["ce_kernel"] = ce_kernel if applied["liger"] else "transformers"
+                    ce_chunk_tokens=chunk)
     applied["attn_implementation"] = choose_attention(attn_implementation, device)
     model.set_attn_implementation(applied["attn_implementation"])
     if applied["attn_implementation"] in (VARLEN_PACKED, FLEX_PACKED):
@@ -117,10 +110,15 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     if fp8 and sharding:
         logger.warning("--fp8 under %s runs uncompiled, so torchao's casts are not fused: measured slower than bf16 "
                        "(2 H200s, 8 layers, FSDP2: 18,834 vs 26,426 tokens/s/GPU, bench/results/)", sharding)
-    applied["recompute_experts"] = recompute_experts
-    if not recompute_experts:
-        from monkey_patch.kept_experts import check_kept_experts, keep_experts_activations
-        check_kept_experts(applied["moe_kernel"], applied["compile_layers"], sharding)
+    from monkey_patch.kept_experts import choose_recompute_experts, keep_experts_activations
+    requested = str(recompute_experts).lower()
+    if requested == "auto" and not tokens_per_micro_batch:
+        raise PatchError("recompute_experts='auto' needs tokens_per_micro_batch (the longest micro-batch's tokens)")
+    applied["recompute_experts"], why = choose_recompute_experts(requested, model, applied["moe_kernel"],
+                                                                 applied["compile_layers"], sharding,
+                                                                 tokens_per_micro_batch or 0)
+    logger.info("recompute_experts=%s (%s)", applied["recompute_experts"], why)
+    if not applied["recompute_experts"]:
         keep_experts_activations(model)
     if applied["compile_layers"]:
         for layer in model.model.layers:

@@ -1,4 +1,4 @@
-"""`--recompute_experts false`: under gradient checkpointing, keep the experts' activations instead of recomputing them.
+"""`--recompute_experts`: under gradient checkpointing, keep the experts' activations instead of recomputing them.
 
 Gradient checkpointing saves each decoder layer's input and recomputes the whole layer in the backward. For a MoE
 layer the experts are most of that recompute: on the H200, at 8K tokens of Qwen3-30B-A3B, their forward kernels take
@@ -7,6 +7,15 @@ keeping them cut the experts' kernel time of an 8-layer step from 49.6 to 38.4 m
 Keeping what the experts' backward needs costs 2I + I values of h and aw per routed row (K = 8 rows per token):
 0.28 GiB per layer at 8K tokens in bf16. When the step's peak is set by the gradients at the end of the backward, as
 on one GPU, those activations are freed, layer by layer, before that peak (measured: 41.99 GiB against 42.01).
+
+`auto` (the default) keeps them where that cannot raise the step's peak: in a run that does not shard the model,
+every gradient (as large as the parameters) is alive at the end of the backward, where the peak is (run 5: at the
+last layer's experts weight gradient), while the kept activations live from their layer's forward to its backward
+and are freed layer by layer before it. `auto` keeps them when they total at most half the gradients' bytes, for the
+longest micro-batch the run can make (max_seq_length x per-device batch). At 8 layers of Qwen3-30B-A3B and 8K tokens:
+2.2 GiB kept against 10.4 GiB of gradients, peak 41.97 GiB kept against 42.02 recomputed, and the step 1.10x faster
+(train_step_h200_202611.md, run 7). Under FSDP2 or ZeRO-3 the gradients are sharded, so the rule does not hold, and
+keeping is not verified there: `auto` recomputes.
 
 How, with torch's non-reentrant checkpoint left in charge of the rest of the layer:
   * the experts' saved tensors go through our own saved-tensors hooks, innermost, so the checkpoint never sees them;
@@ -78,6 +87,33 @@ def experts_forward_keeping_activations(experts_forward):
         with kept_activations():
             return experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return forward
+
+
+def kept_bytes(config, tokens: int, dtype: torch.dtype) -> int:
+    """What keeping costs: h [K rows per token, 2I] and aw [K, I] per MoE layer (ops.py), in the activations' dtype."""
+    moe_layers = sum(1 for i in range(config.num_hidden_layers) if i not in (config.mlp_only_layers or [])
+                     and (i + 1) % config.decoder_sparse_step == 0)
+    return moe_layers * tokens * config.num_experts_per_tok * 3 * config.moe_intermediate_size * dtype.itemsize
+
+
+def choose_recompute_experts(requested: str, model: torch.nn.Module, moe_kernel: str, compile_layers: bool,
+                             sharding: str | None, tokens_per_micro_batch: int) -> tuple[bool, str]:
+    """(recompute the experts?, why) for --recompute_experts auto|true|false; `false` where unsupported raises."""
+    if requested not in ("auto", "true", "false"):
+        raise PatchError(f"--recompute_experts {requested!r}: choose auto, true or false")
+    if requested != "auto":
+        if requested == "false":
+            check_kept_experts(moe_kernel, compile_layers, sharding)
+        return requested == "true", f"--recompute_experts {requested}"
+    if moe_kernel != "scattermoe" or compile_layers or sharding:
+        return True, "auto: keeping needs our experts kernel, uncompiled layers and no FSDP/ZeRO-3"
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in parameters)
+    kept = kept_bytes(model.config, tokens_per_micro_batch, parameters[0].dtype)
+    keep = 2 * kept <= gradients
+    return not keep, (f"auto: kept experts activations {kept / 2**30:.2f} GiB for {tokens_per_micro_batch} tokens, "
+                      f"gradients {gradients / 2**30:.2f} GiB: {'keep' if keep else 'recompute'} (keep when at most "
+                      "half the gradients)")
 
 
 def check_kept_experts(moe_kernel: str, compile_layers: bool, sharding: str | None) -> None:

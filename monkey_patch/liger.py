@@ -10,10 +10,6 @@ Flags and why (whole-step numbers: bench/results/baselines_h200_202611.md, 6 lay
                              our own experts kernel; off by default (Liger calls it swiglu and defaults it to True).
   cross_entropy              never: exclusive with fused_linear_cross_entropy, and it swaps torch's cross_entropy
                              inside transformers.loss for the whole process.
-  ce_kernel                  ours, not Liger's: "ours" computes the fused linear cross-entropy with our kernel
-                             (monkey_patch/linear_cross_entropy.py: the same chunked computation without Liger's 3
-                             host syncs per step), in the place of Liger's loss inside Liger's own lce_forward;
-                             "liger" keeps Liger's.
   ce_chunk_tokens            ours, not Liger's: tokens per chunk of the fused linear cross-entropy. Liger sizes a
                              chunk so its logits match the input's size: 128 tokens at Qwen3-30B-A3B shapes, 64
                              chunks for 8,192 tokens, each adding its [151936, 2048] lm_head gradient into the
@@ -32,9 +28,8 @@ Scope: Liger also swaps the module-level classes Qwen3MoeRMSNorm / Qwen3MoeExper
 the process would get them; we put those back after it has patched this instance, so only `model` changes. Two
 process-wide changes are left: rope (transformers calls the module function apply_rotary_pos_emb, which has no
 per-instance hook: every Qwen3-MoE model in the process then uses Liger's RoPE, a CUDA-only Triton kernel), and the CE
-cross-entropy (lce_forward looks its loss function up in its module; the only per-call route, a forward keyword,
-would also flow into every decoder layer's kwargs), so one process runs one CE kernel and chunk size, and asking for
-two raises.
+chunk size (lce_forward looks its loss function up in its module; the only per-call route, a forward keyword, would
+also flow into every decoder layer's kwargs), so one process runs one chunk size and asking for two raises.
 """
 from __future__ import annotations
 
@@ -64,7 +59,6 @@ class _ChunkedLoss:
 
     def __init__(self, loss, chunk_tokens: int):
         self.loss, self.chunk_tokens = loss, chunk_tokens
-        self.setting = ("liger", chunk_tokens)
 
     def __call__(self, hidden_states, lm_head_weight, labels, hidden_size, **kwargs):
         tokens, vocab = hidden_states.numel() // hidden_size, lm_head_weight.shape[0]
@@ -72,23 +66,18 @@ class _ChunkedLoss:
         return self.loss(hidden_states, lm_head_weight, labels, hidden_size=hidden_size, **kwargs)
 
 
-def _install_loss(ce_kernel: str, chunk_tokens: int | None) -> None:
+def _install_chunked_loss(chunk_tokens: int | None) -> None:
     """Process-wide: lce_forward looks the loss up in its module, so every Liger-patched Qwen3-MoE model of the
-    process shares one CE kernel and chunk size; asking for another one raises rather than changing the models
-    patched before. ("liger", None) is Liger's loss as shipped."""
+    process shares one chunk size; asking for another one raises rather than changing the models patched before."""
     from liger_kernel.transformers.model import qwen3_moe as liger_qwen3_moe
-    from monkey_patch.linear_cross_entropy import causal_lm_loss
 
-    current = getattr(liger_qwen3_moe.LigerForCausalLMLoss, "setting", ("liger", None))
-    if current == (ce_kernel, chunk_tokens):
+    current = getattr(liger_qwen3_moe.LigerForCausalLMLoss, "chunk_tokens", None)
+    if current == chunk_tokens:
         return
-    if current != ("liger", None):
-        raise ValueError(f"the fused linear CE already runs {current[0]}'s kernel with {current[1]}-token chunks in "
-                         f"this process (a process-wide setting); cannot switch to {ce_kernel}'s with {chunk_tokens}: "
-                         "use one ce_kernel and ce_chunk_tokens per process")
-    if ce_kernel == "ours":
-        liger_qwen3_moe.LigerForCausalLMLoss = causal_lm_loss(chunk_tokens)
-    elif chunk_tokens is not None:
+    if current is not None:
+        raise ValueError(f"the fused linear CE already runs {current}-token chunks in this process (a process-wide "
+                         f"setting); cannot switch to {chunk_tokens}: use one ce_chunk_tokens per process")
+    if chunk_tokens is not None:
         liger_qwen3_moe.LigerForCausalLMLoss = _ChunkedLoss(liger_qwen3_moe.LigerForCausalLMLoss, chunk_tokens)
 
 
@@ -113,20 +102,14 @@ def _check_supported(model, experts: bool) -> None:
 
 
 def apply_liger(model, rope: bool = True, rms_norm: bool = True, fused_linear_cross_entropy: bool = True,
-                experts: bool = False, ce_kernel: str = "liger", ce_chunk_tokens: int | None = None) -> None:
+                experts: bool = False, ce_chunk_tokens: int | None = None) -> None:
     """Patch `model` (a Qwen3MoeForCausalLM, before any wrapping) in place. Calling it again with the same flags does
     nothing; with other flags it raises, since the patches cannot be undone. Needs CUDA to run (Triton kernels).
-    `ce_kernel`: "liger" or "ours"; `ce_chunk_tokens`: tokens per fused-linear-CE chunk (module docstring); None
-    keeps Liger's own sizing (ce_kernel="liger" only)."""
-    if ce_kernel not in ("liger", "ours"):
-        raise ValueError(f"ce_kernel={ce_kernel!r}: choose liger or ours")
+    `ce_chunk_tokens`: tokens per fused-linear-CE chunk (module docstring); None keeps Liger's own sizing."""
     if ce_chunk_tokens is not None and (not fused_linear_cross_entropy or ce_chunk_tokens < 1):
         raise ValueError(f"ce_chunk_tokens={ce_chunk_tokens} needs fused_linear_cross_entropy=True and a value >= 1")
-    if ce_kernel == "ours" and (not fused_linear_cross_entropy or ce_chunk_tokens is None):
-        raise ValueError("ce_kernel='ours' needs fused_linear_cross_entropy=True and a ce_chunk_tokens (Liger's own "
-                         "sizing is Liger's kernel's)")
     flags = dict(rope=rope, rms_norm=rms_norm, fused_linear_cross_entropy=fused_linear_cross_entropy, experts=experts,
-                 ce_kernel=ce_kernel, ce_chunk_tokens=ce_chunk_tokens)
+                 ce_chunk_tokens=ce_chunk_tokens)
     applied = getattr(model, _FLAGS_ATTR, None)
     if applied == flags:
         return
@@ -140,8 +123,7 @@ def apply_liger(model, rope: bool = True, rms_norm: bool = True, fused_linear_cr
 
     class_level = {name: getattr(mod, name) for name in ("Qwen3MoeRMSNorm", "Qwen3MoeExperts")}
     forward_before = mod.Qwen3MoeForCausalLM.__dict__["forward"]
-    if fused_linear_cross_entropy:
-        _install_loss(ce_kernel, ce_chunk_tokens)
+    _install_chunked_loss(ce_chunk_tokens)
     apply_liger_kernel_to_qwen3_moe(rope=rope, cross_entropy=False, fused_linear_cross_entropy=fused_linear_cross_entropy,
                                     rms_norm=rms_norm, swiglu=experts, model=model)
     for name, value in class_level.items():  # the instance is patched; models built later stay stock

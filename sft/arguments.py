@@ -65,14 +65,10 @@ class PatchArguments:
     liger: str = field(default="auto", metadata={
         "help": "Liger rope, rms_norm and fused linear cross-entropy: auto turns them on where CUDA is available.",
         "choices": ["auto", "true", "false"]})
-    ce_kernel: str = field(default="ours", metadata={
-        "help": "The fused linear cross-entropy inside Liger's forward (with --liger): ours (the same chunked "
-                "computation with no host sync, monkey_patch/linear_cross_entropy.py) or liger.",
-        "choices": ["ours", "liger"]})
     ce_chunk_tokens: int = field(default=2048, metadata={
-        "help": "Tokens per chunk of the fused linear cross-entropy (with --liger): 2048 keeps the lm_head "
+        "help": "Tokens per chunk of Liger's fused linear cross-entropy (with --liger): 2048 keeps the lm_head "
                 "gradient GEMMs efficient for 0.6 GB of transient logits at a 151,936 vocabulary; 0 keeps Liger's "
-                "own sizing (128 tokens at Qwen3-30B-A3B shapes; --ce_kernel liger only)."})
+                "own sizing (128 tokens at Qwen3-30B-A3B shapes)."})
     fp8: bool = field(default=False, metadata={
         "help": "Selective FP8 training (monkey_patch/fp8.py says what stays bf16 and why); needs SM89 or newer."})
     fp8_recipe: str = field(default="tensorwise", metadata={
@@ -85,11 +81,13 @@ class PatchArguments:
         "help": "torch.compile each decoder layer; auto: with --fp8 only (torchao builds its fused casts with it), "
                 "and never under FSDP2 or ZeRO-3, where compiled layers crashed (monkey_patch/__init__.py).",
         "choices": ["auto", "true", "false"]})
-    recompute_experts: bool = field(default=True, metadata={
+    recompute_experts: str = field(default="auto", metadata={
         "help": "Under gradient checkpointing, recompute the MoE experts in the backward (true) or keep their "
                 "activations, h and aw: 0.28 GiB per layer per 8K tokens at Qwen3-30B-A3B shapes (false: faster; "
-                "monkey_patch/kept_experts.py). Needs --gradient_checkpointing with use_reentrant false; one GPU only "
-                "for now (not yet verified under FSDP2 or ZeRO-3)."})
+                "monkey_patch/kept_experts.py). auto keeps them when the run does not shard the model and they total "
+                "at most half the gradients' bytes for a full micro-batch, so the step's peak does not rise. false "
+                "needs our experts kernel, uncompiled layers and no FSDP2 / ZeRO-3 (not yet verified there).",
+        "choices": ["auto", "true", "false"]})
     adamw_kernel: str = field(default="auto", metadata={
         "help": "ours: AdamW in one Triton kernel per parameter with gradient clipping folded in (sft/adamw.py; "
                 "plain tensors only); torch: the Trainer's --optim. auto: ours on a CUDA run without FSDP or "

@@ -16,8 +16,8 @@ def model():
 def test_cpu_defaults_are_our_kernel_without_liger(model):
     keys = list(model.state_dict())
     applied = apply_patches(model, device="cpu")
-    assert applied == {"moe_kernel": "scattermoe", "liger": False, "ce_kernel": "transformers",
-                       "attn_implementation": "sdpa", "compile_layers": False, "recompute_experts": True}
+    assert applied == {"moe_kernel": "scattermoe", "liger": False, "attn_implementation": "sdpa",
+                       "compile_layers": False, "recompute_experts": True}
     assert model.config._experts_implementation == "scattermoe"
     assert apply_patches(model, device="cpu") == applied and list(model.state_dict()) == keys
 
@@ -53,8 +53,6 @@ def test_fp8_switches_our_experts_to_their_fp8_kernel(monkeypatch, fp8_experts, 
     ({"moe_kernel": "liger"}, "--moe_kernel liger needs a CUDA GPU"),
     ({"compile_layers": "maybe"}, "--compile_layers 'maybe'"),
     ({"ce_chunk_tokens": -1}, "--ce_chunk_tokens -1: a token count"),
-    ({"ce_kernel": "fast"}, "--ce_kernel 'fast': choose ours or liger"),
-    ({"ce_chunk_tokens": 0}, "--ce_chunk_tokens 0 .* needs --ce_kernel liger"),
     ({"fp8": True}, "compute capability 8.9 or newer"),
 ])
 def test_setups_this_machine_cannot_run_are_named(model, flags, message):

@@ -1,5 +1,6 @@
 """--recompute_experts false (monkey_patch/kept_experts.py): under gradient checkpointing the experts run once per
-layer and step, the rest of each layer is still recomputed, and the gradients are those of full recomputation."""
+layer and step, the rest of each layer is still recomputed, and the gradients are those of full recomputation;
+`auto` keeps the activations only where the step's peak cannot rise."""
 import pytest
 import torch
 
@@ -87,3 +88,63 @@ def test_reentrant_checkpointing_is_refused():
     model = tiny(recompute_experts=False, checkpointing=False)
     with pytest.raises(PatchError, match="use_reentrant"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+# ---- --recompute_experts auto -------------------------------------------------------------------------------------
+
+def test_kept_bytes_at_qwen3_30b_a3b_shapes():
+    """h [8 rows per token, 2 x 768] and aw [8, 768] in bf16: 0.28 GiB per layer per 8K tokens (the help text's)."""
+    from monkey_patch.kept_experts import kept_bytes
+    from sft.model import preset_config
+
+    config = preset_config("qwen3-30b-a3b", num_hidden_layers=8)
+    assert kept_bytes(config, 8192, torch.bfloat16) == 8 * 8192 * 8 * 3 * 768 * 2
+    assert kept_bytes(config, 8192, torch.bfloat16) / 8 / 2**30 == pytest.approx(0.281, abs=1e-3)
+    assert kept_bytes(preset_config("qwen3-30b-a3b", num_hidden_layers=8, mlp_only_layers=[0, 1]), 8192,
+                      torch.bfloat16) == 6 * 8192 * 8 * 3 * 768 * 2  # dense layers keep nothing
+
+
+@pytest.mark.parametrize("tokens, sharding, moe_kernel, keep", [
+    (256, None, "scattermoe", True),  # the kept activations are a small part of the gradients
+    (10**7, None, "scattermoe", False),  # more than half the gradients: the peak could rise
+    (256, "fsdp", "scattermoe", False),  # sharded gradients, and keeping is unverified there
+    (256, None, "grouped_mm", False),  # keeping is our kernel's
+])
+def test_auto_keeps_only_where_the_peak_cannot_rise(tokens, sharding, moe_kernel, keep):
+    from monkey_patch.kept_experts import choose_recompute_experts, kept_bytes
+
+    model = load_model("tiny", dtype=torch.float32, seed=0)
+    recompute, why = choose_recompute_experts("auto", model, moe_kernel, False, sharding, tokens)
+    assert recompute is not keep, why
+    gradients = sum(p.numel() * 4 for p in model.parameters())
+    if sharding is None and moe_kernel == "scattermoe":  # the rule itself, from the two sizes
+        assert keep == (2 * kept_bytes(model.config, tokens, torch.float32) <= gradients), why
+
+
+def test_explicit_choices_and_bad_values():
+    from monkey_patch.kept_experts import choose_recompute_experts
+
+    model = load_model("tiny", dtype=torch.float32, seed=0)
+    assert choose_recompute_experts("true", model, "scattermoe", False, None, 256)[0] is True
+    assert choose_recompute_experts("false", model, "scattermoe", False, None, 256)[0] is False
+    with pytest.raises(PatchError, match="one GPU only"):
+        choose_recompute_experts("false", model, "scattermoe", False, "fsdp", 256)
+    with pytest.raises(PatchError, match="choose auto, true or false"):
+        choose_recompute_experts("sometimes", model, "scattermoe", False, None, 256)
+    with pytest.raises(PatchError, match="tokens_per_micro_batch"):
+        apply_patches(model, device="cpu", attn_implementation="sdpa", recompute_experts="auto")
+
+
+def test_auto_through_apply_patches_keeps_and_trains_like_recompute():
+    """What train.py runs by default on one device: auto keeps the tiny model's experts activations (tiny next to its
+    gradients), and the gradients are those of full recomputation."""
+    full = loss_and_grads(tiny(recompute_experts=True))
+    model = load_model("tiny", dtype=torch.float32, seed=0)
+    applied = apply_patches(model, device="cpu", moe_kernel="scattermoe", attn_implementation="sdpa",
+                            recompute_experts="auto", tokens_per_micro_batch=256)
+    assert applied["recompute_experts"] is False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTED)
+    kept = loss_and_grads(model.train())
+    torch.testing.assert_close(kept[0], full[0])
+    for name in full[1]:
+        torch.testing.assert_close(kept[1][name], full[1][name], rtol=1e-5, atol=1e-6, msg=name)

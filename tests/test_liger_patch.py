@@ -77,8 +77,7 @@ def test_wiring(flags):
     model = build()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     apply_liger(model, **flags)
-    on = {**dict(rope=True, rms_norm=True, fused_linear_cross_entropy=True, experts=False, ce_kernel="liger",
-                 ce_chunk_tokens=None),
+    on = {**dict(rope=True, rms_norm=True, fused_linear_cross_entropy=True, experts=False, ce_chunk_tokens=None),
           **flags}
     assert liger_flags(model) == on
 
@@ -230,24 +229,21 @@ def check_same_loss(r, tol):
     assert r["grad_rel"] < 10 * tol, r
 
 
-@pytest.mark.parametrize("ce_kernel,chunk", [("liger", None), ("liger", 32), ("ours", 32)],
-                         ids=["liger-chunks", "32-token-chunks", "our-ce-kernel"])
-def test_real_rope_and_fused_ce_kernels_interpreted_on_cpu(ce_kernel, chunk):
+@pytest.mark.parametrize("chunk", [None, 32], ids=["liger-chunks", "32-token-chunks"])
+def test_real_rope_and_fused_ce_kernels_interpreted_on_cpu(chunk):
     """TRITON_INTERPRET=1 runs the Triton kernels on the CPU (fp32 only; numpy < 2.4). Measured: identical loss,
     gradients within 3e-7 relative. A subprocess, because the interpreter is chosen when triton.jit runs.
-    48 tokens: Liger's own sizing makes 6 chunks of 8 tokens, ce_chunk_tokens=32 two chunks. Our CE kernel runs
-    inside Liger's lce_forward, in the place of Liger's loss."""
+    48 tokens: Liger's own sizing makes 6 chunks of 8 tokens, ce_chunk_tokens=32 two chunks."""
     import numpy
     if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("TRITON_INTERPRET=1 needs numpy < 2.4")
-    flags = dict(rms_norm=False, ce_kernel=ce_kernel, ce_chunk_tokens=chunk)
+    flags = dict(rms_norm=False, ce_chunk_tokens=chunk)
     check_same_loss(run_compare("cpu", flags, env={"TRITON_INTERPRET": "1"}), 1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels run on CUDA only")
-@pytest.mark.parametrize("experts,ce_kernel,chunk", [(False, "liger", None), (True, "liger", None),
-                                                     (False, "liger", 32), (False, "ours", 32)],
-                         ids=["stock-experts", "liger-experts", "32-token-chunks", "our-ce-kernel"])
-def test_gpu_all_kernels_same_loss_and_aux(experts, ce_kernel, chunk):
+@pytest.mark.parametrize("experts,chunk", [(False, None), (True, None), (False, 32)],
+                         ids=["stock-experts", "liger-experts", "32-token-chunks"])
+def test_gpu_all_kernels_same_loss_and_aux(experts, chunk):
     """fp32, TF32 off in torch; Liger's kernels may still use TF32 in tl.dot (LigerExperts): 1e-3 relative."""
-    check_same_loss(run_compare("cuda", dict(experts=experts, ce_kernel=ce_kernel, ce_chunk_tokens=chunk)), 1e-3)
+    check_same_loss(run_compare("cuda", dict(experts=experts, ce_chunk_tokens=chunk)), 1e-3)
