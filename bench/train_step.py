@@ -6,8 +6,8 @@ mix, and the Trainer's step, whose NaN/inf check of the loss reads it on the hos
 run_one). Every batch is run once to warm up, then again timed: the time per step is the wall time of the --steps
 timed steps, from a sync before the first to a sync after the last, divided by --steps. The warm-up pass compiles
 what the batches' shapes need (Triton specialises kernels on their integer arguments, torch.compile on shapes), so
-no compilation lands in the timed window: with 3 warm-up batches, the first stack of a run paid Triton compilations
-inside it (caches are per machine, later stacks loaded them from disk).
+no compilation lands in the timed window (with 3 warm-up batches instead, the first stack of a call to run a kernel
+compiled it inside the window: bench/results/train_step_h200_202611.md, run 7).
 
   python bench/train_step.py                         # every stack, each in its own process, then the table
   python bench/train_step.py --stacks ours,ours_fp8 --layers 8 --seq 8192 --micro_batch 1
