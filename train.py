@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     sharding = sharding_backend(training_args)
     if patch_args.recompute_experts == "false":  # before minutes of model loading; apply_patches checks the same
         check_kept_experts(resolve_moe_kernel(patch_args.moe_kernel),
-                           resolve_compile_layers(patch_args.compile_layers, patch_args.fp8, sharding), sharding)
+                           resolve_compile_layers(patch_args.compile_layers, patch_args.fp8, sharding))
     ours_adamw = resolve_adamw_kernel(patch_args.adamw_kernel, training_args, sharding)
     logger.info("optimizer: %s", "FusedAdamW, gradient clipping folded in (sft/adamw.py)" if ours_adamw
                 else f"the Trainer's --optim {getattr(training_args.optim, 'value', training_args.optim)}")

@@ -14,14 +14,19 @@ last layer's experts weight gradient), while the kept activations live from thei
 and are freed layer by layer before it. `auto` keeps them when they total at most half the gradients' bytes, for the
 longest micro-batch the run can make (max_seq_length x per-device batch). At 8 layers of Qwen3-30B-A3B and 8K tokens:
 2.2 GiB kept against 10.4 GiB of gradients, peak 41.97 GiB kept against 42.02 recomputed, and the step 1.10x faster
-(train_step_h200_202611.md, run 7). Under FSDP2 or ZeRO-3 the gradients are sharded, so the rule does not hold, and
-keeping is not verified there: `auto` recomputes.
+(train_step_h200_202611.md, run 7). Under FSDP2 or ZeRO-3 the gradients are sharded, so the rule does not hold:
+`auto` recomputes there. `false` works under both (tests/test_distributed.py, 2 CPU processes: the experts run once
+per layer and step, with the losses of one process; not yet measured on GPUs).
 
 How, with torch's non-reentrant checkpoint left in charge of the rest of the layer:
   * the experts' saved tensors go through our own saved-tensors hooks, innermost, so the checkpoint never sees them;
     each is handed out once (then the experts' backward holds the only reference and frees h early, ops.py);
   * the checkpoint gets a `context_fn` whose recompute context marks the recompute; there the experts return zeros
     without running: nothing after them in the layer saves a tensor, and their backward uses the kept activations.
+FSDP2's own activation checkpointing (config/accelerate/fsdp2.yaml; train.py then turns transformers' off) wraps each
+decoder layer in torch's non-reentrant checkpoint without our `context_fn`. The experts are still not recomputed
+there: the checkpoint stops recomputing once it has rebuilt every tensor it saved (torch's default early stop), and
+the experts' tensors are not among them. tests/test_distributed.py counts the experts' runs under both backends.
 """
 from __future__ import annotations
 
@@ -103,10 +108,13 @@ def choose_recompute_experts(requested: str, model: torch.nn.Module, moe_kernel:
         raise PatchError(f"--recompute_experts {requested!r}: choose auto, true or false")
     if requested != "auto":
         if requested == "false":
-            check_kept_experts(moe_kernel, compile_layers, sharding)
+            check_kept_experts(moe_kernel, compile_layers)
         return requested == "true", f"--recompute_experts {requested}"
-    if moe_kernel != "scattermoe" or compile_layers or sharding:
-        return True, "auto: keeping needs our experts kernel, uncompiled layers and no FSDP/ZeRO-3"
+    if moe_kernel != "scattermoe" or compile_layers:
+        return True, "auto: keeping needs our experts kernel in uncompiled layers"
+    if sharding:
+        return True, (f"auto: under {sharding} the gradients are sharded, so keeping could raise the peak; "
+                      "--recompute_experts false keeps the activations anyway")
     parameters = [p for p in model.parameters() if p.requires_grad]
     gradients = sum(p.numel() * p.element_size() for p in parameters)
     kept = kept_bytes(model.config, tokens_per_micro_batch, parameters[0].dtype)
@@ -116,14 +124,11 @@ def choose_recompute_experts(requested: str, model: torch.nn.Module, moe_kernel:
                       "half the gradients)")
 
 
-def check_kept_experts(moe_kernel: str, compile_layers: bool, sharding: str | None) -> None:
+def check_kept_experts(moe_kernel: str, compile_layers: bool) -> None:
     """Raise for the setups `--recompute_experts false` does not support (train.py asks before loading the model)."""
     if moe_kernel != "scattermoe" or compile_layers:
         raise PatchError("--recompute_experts false is implemented for our experts kernel in uncompiled layers: use "
                          "--moe_kernel auto and --compile_layers false, or --recompute_experts true")
-    if sharding:
-        raise PatchError(f"--recompute_experts false has been verified on one GPU only, not yet under {sharding} "
-                         "(which re-gathers the saved weights in the backward): use --recompute_experts true")
 
 
 def keep_experts_activations(model: torch.nn.Module) -> None:

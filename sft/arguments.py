@@ -86,7 +86,7 @@ class PatchArguments:
                 "activations, h and aw: 0.28 GiB per layer per 8K tokens at Qwen3-30B-A3B shapes (false: faster; "
                 "monkey_patch/kept_experts.py). auto keeps them when the run does not shard the model and they total "
                 "at most half the gradients' bytes for a full micro-batch, so the step's peak does not rise. false "
-                "needs our experts kernel, uncompiled layers and no FSDP2 / ZeRO-3 (not yet verified there).",
+                "needs our experts kernel and uncompiled layers (it works under FSDP2 and ZeRO-3 too).",
         "choices": ["auto", "true", "false"]})
     adamw_kernel: str = field(default="auto", metadata={
         "help": "ours: AdamW in one Triton kernel per parameter with gradient clipping folded in (sft/adamw.py; "

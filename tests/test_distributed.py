@@ -143,8 +143,46 @@ def runs(initial_weights, tmp_path_factory) -> dict:
         command = single_command(*flags, "--per_device_train_batch_size", "2") if name == "single" \
             else distributed_command(name, workdir, *flags)
         done = run(command)
-        out[name] = {"dir": workdir / "out", "log": done.stdout + done.stderr}
+        out[name] = {"dir": workdir / "out", "log": done.stdout + done.stderr, "init": initial_weights}
     return out
+
+
+COUNTING_SHIM = '''"""Test-only: count the experts' forward runs with autograd on (the first run and any recompute)."""
+import atexit, os, runpy, sys
+import torch
+sys.path.insert(0, os.getcwd())  # the repository: the test runs the launch from its root
+import monkey_patch.scattermoe.experts as experts
+runs, real = [0], experts.torch_experts  # the experts' CPU path, looked up per call
+def counted(*args):
+    runs[0] += torch.is_grad_enabled()
+    return real(*args)
+experts.torch_experts = counted
+atexit.register(lambda: print(f"experts forward runs on rank {os.environ.get('RANK')}: {runs[0]}", flush=True))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_sharded_runs_keep_experts_activations(runs, tmp_path, backend):
+    """--recompute_experts false under FSDP2 (its own activation checkpointing, no recompute context of ours) and
+    ZeRO-3 (transformers' gradient checkpointing with our context): the experts run once per MoE layer and step on
+    each rank, where recomputing runs them twice (measured: 16 runs per rank with --recompute_experts true), and the
+    losses are those of one process (which did not checkpoint at all)."""
+    counting = tmp_path / "count_experts.py"
+    counting.write_text(COUNTING_SHIM)
+    command = distributed_command(backend, tmp_path, "--model_name_or_path", str(runs["single"]["init"]),
+                                  "--max_steps", "4", "--output_dir", str(tmp_path / "out"),
+                                  "--gradient_checkpointing", "true",
+                                  "--gradient_checkpointing_kwargs", '{"use_reentrant": false}',
+                                  "--recompute_experts", "false")
+    at = command.index(str(tmp_path / "cpu_shim.py"))
+    done = run(command[:at] + [str(counting)] + command[at:])
+    log = done.stdout + done.stderr
+    assert "recompute_experts=False (--recompute_experts false)" in log
+    moe_layers = 2  # the tiny preset's
+    assert sorted(re.findall(r"experts forward runs on rank \d: (\d+)", log)) == [str(4 * moe_layers)] * 2, log[-2000:]
+    assert_same_losses(losses(tmp_path / "out"), losses(runs["single"]["dir"]))
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "zero3"])
