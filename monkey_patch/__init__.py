@@ -71,8 +71,8 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
     `sharding` is the backend that will shard the model ("fsdp", "deepspeed") or None.
     `ce_chunk_tokens` sizes the chunks of Liger's fused linear cross-entropy (monkey_patch/liger.py); 0 keeps Liger's.
     `recompute_experts` False (or "false") keeps the experts' activations instead of recomputing them under gradient
-    checkpointing (monkey_patch/kept_experts.py): our experts kernel only, uncompiled layers, no sharding; "auto"
-    keeps them when they total at most half the gradients for `tokens_per_micro_batch` tokens.
+    checkpointing (monkey_patch/kept_experts.py): our experts kernel only, uncompiled layers; "auto" keeps them when
+    the model is not sharded and they total at most half the gradients for `tokens_per_micro_batch` tokens.
     """
     from monkey_patch.liger import apply_liger
     from monkey_patch.packed_attention import FLEX_PACKED, VARLEN_PACKED, choose_attention, skip_packed_detection
@@ -111,12 +111,9 @@ def apply_patches(model: PreTrainedModel, moe_kernel: str = "auto", liger: str =
         logger.warning("--fp8 under %s runs uncompiled, so torchao's casts are not fused: measured slower than bf16 "
                        "(2 H200s, 8 layers, FSDP2: 18,834 vs 26,426 tokens/s/GPU, bench/results/)", sharding)
     from monkey_patch.kept_experts import choose_recompute_experts, keep_experts_activations
-    requested = str(recompute_experts).lower()
-    if requested == "auto" and not tokens_per_micro_batch:
-        raise PatchError("recompute_experts='auto' needs tokens_per_micro_batch (the longest micro-batch's tokens)")
-    applied["recompute_experts"], why = choose_recompute_experts(requested, model, applied["moe_kernel"],
-                                                                 applied["compile_layers"], sharding,
-                                                                 tokens_per_micro_batch or 0)
+    applied["recompute_experts"], why = choose_recompute_experts(str(recompute_experts).lower(), model,
+                                                                 applied["moe_kernel"], applied["compile_layers"],
+                                                                 sharding, tokens_per_micro_batch)
     logger.info("recompute_experts=%s (%s)", applied["recompute_experts"], why)
     if not applied["recompute_experts"]:
         keep_experts_activations(model)

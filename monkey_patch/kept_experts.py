@@ -102,7 +102,7 @@ def kept_bytes(config, tokens: int, dtype: torch.dtype) -> int:
 
 
 def choose_recompute_experts(requested: str, model: torch.nn.Module, moe_kernel: str, compile_layers: bool,
-                             sharding: str | None, tokens_per_micro_batch: int) -> tuple[bool, str]:
+                             sharding: str | None, tokens_per_micro_batch: int | None) -> tuple[bool, str]:
     """(recompute the experts?, why) for --recompute_experts auto|true|false; `false` where unsupported raises."""
     if requested not in ("auto", "true", "false"):
         raise PatchError(f"--recompute_experts {requested!r}: choose auto, true or false")
@@ -112,6 +112,8 @@ def choose_recompute_experts(requested: str, model: torch.nn.Module, moe_kernel:
         return requested == "true", f"--recompute_experts {requested}"
     if moe_kernel != "scattermoe" or compile_layers:
         return True, "auto: keeping needs our experts kernel in uncompiled layers"
+    if not tokens_per_micro_batch:
+        raise PatchError("recompute_experts='auto' needs tokens_per_micro_batch (the longest micro-batch's tokens)")
     if sharding:
         return True, (f"auto: under {sharding} the gradients are sharded, so keeping could raise the peak; "
                       "--recompute_experts false keeps the activations anyway")

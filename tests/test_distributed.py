@@ -143,7 +143,7 @@ def runs(initial_weights, tmp_path_factory) -> dict:
         command = single_command(*flags, "--per_device_train_batch_size", "2") if name == "single" \
             else distributed_command(name, workdir, *flags)
         done = run(command)
-        out[name] = {"dir": workdir / "out", "log": done.stdout + done.stderr, "init": initial_weights}
+        out[name] = {"dir": workdir / "out", "log": done.stdout + done.stderr}
     return out
 
 
@@ -164,14 +164,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 @pytest.mark.parametrize("backend", ["fsdp", "zero3"])
-def test_sharded_runs_keep_experts_activations(runs, tmp_path, backend):
+def test_sharded_runs_keep_experts_activations(runs, initial_weights, tmp_path, backend):
     """--recompute_experts false under FSDP2 (its own activation checkpointing, no recompute context of ours) and
     ZeRO-3 (transformers' gradient checkpointing with our context): the experts run once per MoE layer and step on
     each rank, where recomputing runs them twice (measured: 16 runs per rank with --recompute_experts true), and the
     losses are those of one process (which did not checkpoint at all)."""
     counting = tmp_path / "count_experts.py"
     counting.write_text(COUNTING_SHIM)
-    command = distributed_command(backend, tmp_path, "--model_name_or_path", str(runs["single"]["init"]),
+    command = distributed_command(backend, tmp_path, "--model_name_or_path", str(initial_weights),
                                   "--max_steps", "4", "--output_dir", str(tmp_path / "out"),
                                   "--gradient_checkpointing", "true",
                                   "--gradient_checkpointing_kwargs", '{"use_reentrant": false}',
