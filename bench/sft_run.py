@@ -88,7 +88,22 @@ def run(backend: str, row: str, args, data: Path, workdir: Path) -> dict:
     summary_path = output_dir / "efficiency_summary.json"
     if launcher.returncode != 0 or not summary_path.exists():
         return {"backend": backend, "row": row, "error": (stderr or stdout)[-300:]}
-    return {"backend": backend, "row": row, **json.loads(summary_path.read_text())}
+    return {"backend": backend, "row": row, **json.loads(summary_path.read_text()),
+            **median_interval(output_dir / "metrics.jsonl")}
+
+
+def median_interval(metrics_path: Path) -> dict:
+    """The median logging interval's s/step and tokens/s/GPU, the first interval left out: the figure runs are
+    compared by. train.py's summary (totals over every interval but the first) is what a user gets, but one
+    interval can skew it: the first 2-GPU FSDP2 run of a call, on a cold Triton cache, logged 12.5, 2.29, 0.48, 0.24,
+    0.24, 0.25 s/step (intervals of 2 steps; summary 0.70), and every run of the next call had one interval of the
+    ten at about twice its neighbours' time (steps 17-18, the same data in every run)."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][1:]
+    if not records:
+        return {}
+    median = sorted(records, key=lambda record: record["sec_per_step"])[(len(records) - 1) // 2]
+    return {"median_sec_per_step": median["sec_per_step"],
+            "median_tokens_per_sec_per_gpu": median["tokens_per_sec_per_gpu"]}
 
 
 def show_profile(backend: str, row: str, workdir: Path) -> None:
@@ -103,14 +118,16 @@ def show_profile(backend: str, row: str, workdir: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| backend | row | s/step | tokens/s/GPU | MFU | peak GiB | first -> last loss |", "|---" * 7 + "|"]
+    lines = ["| backend | row | s/step | tokens/s/GPU | MFU | median interval: s/step | median interval: tokens/s/GPU | "
+             "peak GiB | first -> last loss |", "|---" * 9 + "|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['backend']} | {r['row']} | error: {r['error'][-150:]!r} | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         lines.append(f"| {r['backend']} | {r['row']} | {r['sec_per_step']:.3f} | {r['tokens_per_sec_per_gpu']:,.0f} | "
-                     f"{mfu} | {r['peak_mem_gib']} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
+                     f"{mfu} | {r.get('median_sec_per_step', '-')} | {r.get('median_tokens_per_sec_per_gpu', 0):,.0f} | "
+                     f"{r['peak_mem_gib']} | {r['first_loss']:.3f} -> {r['last_loss']:.3f} |")
     return "\n".join(lines)
 
 

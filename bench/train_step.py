@@ -12,6 +12,11 @@ compiled it inside the window: bench/results/train_step_h200_202611.md, run 7).
   python bench/train_step.py                         # every stack, each in its own process, then the table
   python bench/train_step.py --stacks ours,ours_fp8 --layers 8 --seq 8192 --micro_batch 1
   python bench/train_step.py --one ours              # one stack in this process (what the driver runs)
+  python bench/train_step.py --stacks ours,liger_flex_compiled --rounds 2   # A B, then B A; means per stack
+
+--rounds N runs the stack list N times, every other round in reverse order, and reports each stack's mean and each
+round's time: in run 9 `ours` ran last at 0.167 s/step on a host where it ran alone at 0.147 (4 steps) minutes later,
+so one order can carry a drift of the host into the ratio; A B B A averages a steady drift out and shows its size.
 
 Stacks (each in a fresh process: Liger's patches are class-level and would leak between stacks):
   transformers           grouped_mm experts + sdpa (the default; packed batches get its block-diagonal mask)
@@ -265,20 +270,50 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
             "patches": {k: v for k, v in applied.items() if k != "fp8"}}
 
 
+def round_order(stacks: list[str], rounds: int) -> list[str]:
+    """The stacks of every round, every other round reversed: A B C, C B A, A B C, ..."""
+    return [stack for n in range(rounds) for stack in (stacks if n % 2 == 0 else stacks[::-1])]
+
+
+def mean_over_rounds(results: list[dict]) -> list[dict]:
+    """One result per stack, in first-seen order: the mean s/step of its rounds and the rates at that mean (every
+    round times the same batches, so tokens per step is fixed), the highest peak, and each round's s/step. A stack
+    with a failed round reports the error."""
+    stacks = {}
+    for r in results:
+        stacks.setdefault(r["stack"], []).append(r)
+    combined = []
+    for stack, runs in stacks.items():
+        failed = [r for r in runs if "error" in r]
+        if failed or len(runs) == 1:
+            combined.append(failed[0] if failed else runs[0])
+            continue
+        mean = statistics.fmean(r["sec_per_step"] for r in runs)
+        speedup = runs[0]["sec_per_step"] / mean
+        combined.append({**runs[0], "sec_per_step": round(mean, 4),
+                         "tokens_per_sec": round(runs[0]["tokens_per_sec"] * speedup),
+                         "tflops": round(runs[0]["tflops"] * speedup, 1), "mfu": round(runs[0]["mfu"] * speedup, 3),
+                         "peak_gib": max(r["peak_gib"] for r in runs),
+                         "rounds_sec_per_step": [r["sec_per_step"] for r in runs]})
+    return combined
+
+
 def table(results: list[dict]) -> str:
     """Markdown table; the ratio column compares every stack with the fastest Liger stack of the same run."""
     done = [r for r in results if "error" not in r]
     peers = [r for r in done if r["stack"].startswith("liger")]
     peer = max(peers, key=lambda r: r["tokens_per_sec"]) if peers else None
-    lines = [f"| stack | s/step | tokens/s | TFLOP/s | MFU | peak GiB | vs {peer['stack'] if peer else 'peer'} |",
-             "|---" * 7 + "|"]
+    rounds = any("rounds_sec_per_step" in r for r in done)
+    lines = [f"| stack | s/step | tokens/s | TFLOP/s | MFU | peak GiB | vs {peer['stack'] if peer else 'peer'} |"
+             + (" s/step per round |" if rounds else ""), "|---" * (8 if rounds else 7) + "|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['stack']} | error: {r['error'][-160:]!r} | | | | | |")
+            lines.append(f"| {r['stack']} | error: {r['error'][-160:]!r} | | | | | |" + (" |" if rounds else ""))
             continue
         ratio = f"{r['tokens_per_sec'] / peer['tokens_per_sec']:.2f}x" if peer else "-"
         lines.append(f"| {r['stack']} | {r['sec_per_step']:.3f} | {r['tokens_per_sec']:,} | {r['tflops']} | "
-                     f"{r['mfu']:.1%} | {r['peak_gib']} | {ratio} |")
+                     f"{r['mfu']:.1%} | {r['peak_gib']} | {ratio} |"
+                     + (f" {' / '.join(f'{t:.3f}' for t in r.get('rounds_sec_per_step', []))} |" if rounds else ""))
     return "\n".join(lines)
 
 
@@ -308,6 +343,8 @@ def main() -> None:
                         "with the profiler: what is live at its memory peak, grouped by the op and frames that "
                         "allocated it (bench/memory_peak.py), printed and saved as memory_<stack>.md (CUDA only)")
     parser.add_argument("--timeout_per_stack", type=float, default=900.0, help="seconds before a stack is abandoned")
+    parser.add_argument("--rounds", type=int, default=1, help="run the stack list this many times, every other "
+                        "round reversed, and report each stack's mean (see the module docstring)")
     args = parser.parse_args()
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
              "--micro_batch", str(args.micro_batch), "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops),
@@ -319,7 +356,7 @@ def main() -> None:
                                              args.trace, args.memory, args.max_grad_norm)), flush=True)
         return
     results = []
-    for stack in args.stacks.split(","):
+    for stack in round_order(args.stacks.split(","), args.rounds):
         # Liger's fused-experts autotune tries ~200 configs per shape (minutes); its documented switch pins one config.
         env = dict(os.environ, LIGER_FUSED_MOE_AUTOTUNE=os.environ.get("LIGER_FUSED_MOE_AUTOTUNE", "0"))
         try:
@@ -334,12 +371,14 @@ def main() -> None:
             print(run.stdout[min(marks):].split("\nRESULT ")[0], flush=True)
         results.append(json.loads(found[0]) if found else {"stack": stack, "error": (run.stderr or run.stdout)[-400:]})
         print(json.dumps(results[-1]), flush=True)
+    rounds = (f"; {args.rounds} rounds, every other one in reverse order, each stack's mean"
+              if args.rounds > 1 else "")
     report = (f"Command: python bench/train_step.py {' '.join(sys.argv[1:])}\n\n{describe_environment()}\n\n"
-              f"Qwen3-30B-A3B shapes, {args.layers} layers, packed rows of {args.seq} tokens x micro-batch "
+              f"{args.preset} shapes, {args.layers} layers, packed rows of {args.seq} tokens x micro-batch "
               f"{args.micro_batch}, gradient checkpointing, clip_grad_norm_ {args.max_grad_norm or 'off'}, AdamW; "
               f"mean of {args.steps} steps, each batch run once before to warm up (wall time of the timed steps, "
-              f"synced at both ends); "
-              f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(results)}\n")
+              f"synced at both ends){rounds}; "
+              f"MFU over {args.peak_tflops} TFLOP/s.\n\n{table(mean_over_rounds(results))}\n")
     print(report)
     save_to_out("train_step.md", report + "\n```\n" + "\n".join(json.dumps(r) for r in results) + "\n```\n")
 
