@@ -122,7 +122,7 @@ def table(results: list[dict]) -> str:
              "peak GiB | first -> last loss |", "|---" * 9 + "|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['backend']} | {r['row']} | error: {r['error'][-150:]!r} | | | | |")
+            lines.append(f"| {r['backend']} | {r['row']} | error: {r['error'][-150:]!r} |" + " |" * 6)
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         lines.append(f"| {r['backend']} | {r['row']} | {r['sec_per_step']:.3f} | {r['tokens_per_sec_per_gpu']:,.0f} | "

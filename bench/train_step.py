@@ -346,6 +346,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run the stack list this many times, every other "
                         "round reversed, and report each stack's mean (see the module docstring)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give 1 or more (1 runs each stack once)")
     shape = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
              "--micro_batch", str(args.micro_batch), "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops),
              "--max_grad_norm", str(args.max_grad_norm),
