@@ -28,6 +28,13 @@ logger = logging.getLogger(__name__)
 MOE_KERNELS = ("scattermoe", "grouped_mm", "liger", "eager")
 
 
+def is_moe_layer(config, layer: int) -> bool:
+    """Whether decoder layer `layer` of a Qwen3-MoE config has the sparse MoE block: transformers' own rule
+    (Qwen3MoeDecoderLayer), for code that sizes things from the config before or without a model."""
+    return (layer not in (config.mlp_only_layers or []) and config.num_experts > 0
+            and (layer + 1) % config.decoder_sparse_step == 0)
+
+
 def resolve_moe_kernel(requested: str) -> str:
     """`auto` is our kernel; on a CPU it runs its plain-torch path."""
     if requested == "auto":

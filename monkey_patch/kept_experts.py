@@ -16,7 +16,8 @@ longest micro-batch the run can make (max_seq_length x per-device batch). At 8 l
 2.2 GiB kept against 10.4 GiB of gradients, peak 41.97 GiB kept against 42.02 recomputed, and the step 1.10x faster
 (train_step_h200_202611.md, run 7). Under FSDP2 or ZeRO-3 the gradients are sharded, so the rule does not hold:
 `auto` recomputes there. `false` works under both (tests/test_distributed.py, 2 CPU processes: the experts run once
-per layer and step, with the losses of one process; not yet measured on GPUs).
+per layer and step, with the losses of one process); on 2 H200s at 8 layers it made the FSDP2 step 6% faster at the
+same peak and the ZeRO-3 step 23% slower (sft_run_h200_202611.md).
 
 How, with torch's non-reentrant checkpoint left in charge of the rest of the layer:
   * the experts' saved tensors go through our own saved-tensors hooks, innermost, so the checkpoint never sees them;
@@ -96,8 +97,9 @@ def experts_forward_keeping_activations(experts_forward):
 
 def kept_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     """What keeping costs: h [K rows per token, 2I] and aw [K, I] per MoE layer (ops.py), in the activations' dtype."""
-    moe_layers = sum(1 for i in range(config.num_hidden_layers) if i not in (config.mlp_only_layers or [])
-                     and (i + 1) % config.decoder_sparse_step == 0)
+    from monkey_patch import is_moe_layer
+
+    moe_layers = sum(is_moe_layer(config, layer) for layer in range(config.num_hidden_layers))
     return moe_layers * tokens * config.num_experts_per_tok * 3 * config.moe_intermediate_size * dtype.itemsize
 
 

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from monkey_patch import is_moe_layer
+
 logger = logging.getLogger(__name__)
 
 # Datasheet dense (no sparsity) bf16 tensor-core peaks, TFLOP/s; the first substring that occurs in the device name wins.
@@ -45,10 +47,8 @@ def active_matmul_params(config) -> int:
     attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
     per_layer = []
     for layer in range(config.num_hidden_layers):
-        sparse = (layer not in (config.mlp_only_layers or [])
-                  and config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0)
         mlp = (hidden * config.num_experts + config.num_experts_per_tok * 3 * hidden * config.moe_intermediate_size
-               if sparse else 3 * hidden * config.intermediate_size)
+               if is_moe_layer(config, layer) else 3 * hidden * config.intermediate_size)
         per_layer.append(attention + mlp)
     return sum(per_layer) + hidden * config.vocab_size
 
