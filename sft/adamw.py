@@ -7,7 +7,8 @@ clip_grad_norm_ 12.0 ms more (4.5 ms for the norms, 7.4 ms to rescale every grad
 device scalar the AdamW kernel multiplies each gradient by as it reads it, so no pass rescales the gradients in
 place, and the kernel streams p, g, m, v in and p, m, v out: 19.2 ms for the same step (~4.1 TB/s), 23.7 ms with
 the norms. The whole step (same run): 1.08x with --recompute_experts false; unchanged with the default recompute,
-whose forward, no longer hidden behind the optimizer's kernels, then waits for the host.
+whose forward, no longer hidden behind the optimizer's kernels, then waits for the host. The norms are our own
+kernel too (`total_norm`): 2.55 ms per step where torch's took 4.5 (run 10).
 
 Numerics are torch's AdamW (decoupled weight decay, bias corrections, eps added after the square root), computed in
 fp32 and stored in the parameter's dtype, as torch's fused AdamW does. The state is torch's (`step`, a CPU tensor as
@@ -96,6 +97,36 @@ class FusedAdamW(torch.optim.AdamW):
         return loss
 
 
+NORM_BLOCK = 8192  # elements per program of the sum of squares
+
+
+@triton.jit
+def _sum_squares_kernel(g_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+    """partial[program] = sum of the squares of this program's BLOCK elements of g, in fp32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(g * g, 0))
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all `tensors` together (fp32 scalar on their device, no host sync): one sum-of-squares kernel per
+    tensor into fp32 partials, then their sum, in a fixed order (deterministic). torch's get_total_norm (the
+    multi_tensor_apply norm) read the 10.8 GB of bf16 gradients of 8 Qwen3-30B-A3B layers at ~2.4 TB/s on the H200
+    (4.5 ms per step, bench/results/train_step_h200_202611.md, run 9); this kernel in 2.55 ms (~4.2 TB/s, run 10)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    blocks = [triton.cdiv(t.numel(), NORM_BLOCK) for t in tensors]
+    partials = torch.empty(sum(blocks), device=tensors[0].device, dtype=torch.float32)
+    start = 0
+    for tensor, count in zip(tensors, blocks):
+        if not tensor.is_contiguous():
+            raise ValueError("total_norm needs contiguous tensors")
+        _sum_squares_kernel[(count,)](tensor, partials[start:start + count], tensor.numel(), BLOCK=NORM_BLOCK,
+                                      num_warps=8)
+        start += count
+    return partials.sum().sqrt()
+
+
 def _steps_on_cpu(optimizer: FusedAdamW) -> None:
     """A state saved by torch's fused AdamW keeps `step` on the GPU, and torch's loader leaves it there for a
     non-fused optimizer: `step()` would then sync with the GPU once per parameter to read it. Once, on loading."""
@@ -105,11 +136,11 @@ def _steps_on_cpu(optimizer: FusedAdamW) -> None:
 
 
 def clip_grad_norm(parameters, max_norm: float, optimizer) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (the same total norm and clipping coefficient, returned the same way), except
-    that for a FusedAdamW the coefficient goes to its next step instead of rescaling the gradients in place."""
+    """torch.nn.utils.clip_grad_norm_ (the total norm and clipping coefficient, returned the same way), except that
+    for a FusedAdamW the norm is `total_norm`'s (fp32 throughout, where torch rounds bf16 gradients' norms to bf16) and
+    the coefficient goes to its next step instead of rescaling the gradients in place."""
     if not isinstance(optimizer, FusedAdamW):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total_norm = torch.nn.utils.get_total_norm(grads)
-    optimizer.scale_next_gradients(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
-    return total_norm
+    norm = total_norm([p.grad for p in parameters if p.grad is not None])
+    optimizer.scale_next_gradients(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm

@@ -201,6 +201,36 @@ def test_backward_frees_recomputed_h_before_the_last_gradient():
     assert json.loads(proc.stdout.split("RESULT")[-1]) == [[True, True]]  # the forward's h and the recompute's
 
 
+_UNUSED_GRADS_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from monkey_patch.scattermoe import ops
+    from tests.reference import random_problem
+
+    received = []
+
+    def spy_backward(ctx, dy, dh, daw, dcounts, dslot):
+        received.append([dy is None, dh is None, daw is None])
+        return ops._backward(ctx, dy, dh, daw, dcounts, dslot)
+
+    ops.experts_fwd.register_autograd(spy_backward, setup_context=ops._setup_context)
+    x, w1, w2, idx, w = random_problem(12, 4, 2, 32, 16, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_()
+    ops.scattermoe_experts(x, w1, w2, idx, w).sum().backward()
+    print("RESULT" + json.dumps(received))
+""")
+
+
+@interpreter_only
+def test_backward_gets_no_zero_filled_gradients_for_h_and_aw():
+    """h [S, 2I] and aw [S, I] are outputs of the forward op only to be saved: autograd must not hand the backward
+    zero-filled gradients for them (two [S, *] fills and their memory in every layer's backward; ops._setup_context)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", _UNUSED_GRADS_SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.split("RESULT")[-1]) == [[False, True, True]]  # dY given; dh, daw not made
+
+
 def test_unsupported_activation_raises():
     model = _tiny("scattermoe", hidden_act="gelu")
     with pytest.raises(NotImplementedError, match="grouped_mm"):
