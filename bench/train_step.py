@@ -55,7 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.report import describe_environment, save_to_out  # noqa: E402
 
 # run_one's diagnostic flags and the marks their tables are printed under (main() forwards and relays them).
-DIAGNOSTICS = (("profile", "PROFILE"), ("trace", "TRACE"), ("memory", "MEMORY"), ("sync_debug", "SYNC"))
+DIAGNOSTICS = (("lag", "LAG"), ("profile", "PROFILE"), ("trace", "TRACE"), ("memory", "MEMORY"),
+               ("sync_debug", "SYNC"))
 LIGER_AS_SHIPPED = dict(liger="true", ce_chunk_tokens=0)  # the peers: Liger's own fused-CE chunk sizing
 # Ours: what train.py runs on one GPU by default, our AdamW kernel with clipping folded in (sft/adamw.py) included.
 OURS = dict(moe_kernel="scattermoe", liger="true", attn_implementation="auto", adamw="ours", recompute_experts="auto")
@@ -181,7 +182,7 @@ def allocator_counts(device: str) -> dict:
 
 def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, peak_tflops: float,
             preset: str = "qwen3-30b-a3b", profile: bool = False, sync_debug: bool = False,
-            trace: bool = False, memory: bool = False, max_grad_norm: float = 1.0) -> dict:
+            trace: bool = False, memory: bool = False, max_grad_norm: float = 1.0, lag: bool = False) -> dict:
     import torch
     from monkey_patch import apply_patches
     from sft.adamw import FusedAdamW, clip_grad_norm
@@ -203,18 +204,25 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     batches, real_tokens, efficiency, context = packed_batches(steps, micro_batch, seq, model.config.vocab_size,
                                                                device, pad_to_multiple_of=16 if fp8 else None)
 
-    def train_step(batch) -> torch.Tensor:
+    def train_step(batch, mark=lambda phase: None) -> torch.Tensor:
         """What train.py's Trainer runs per step (transformers 5.17 Trainer._run_epoch): forward, backward, its
         NaN/inf check of the loss (host syncs, the step's only ones outside the model), clip_grad_norm_ (the recipes'
         max_grad_norm is 1.0), AdamW. The optimizer's kernels are left queued: the next step's forward is launched
-        while they run, as in train.py, where batches reach the GPU by asynchronous copies (sft/trainer.py)."""
+        while they run, as in train.py, where batches reach the GPU by asynchronous copies (sft/trainer.py).
+        `mark` is called at the start and after each phase (--lag)."""
+        mark("step start")
         loss = model(**batch).loss
+        mark("forward returned")
         loss.backward()
+        mark("backward returned")
         bool(torch.isnan(loss) or torch.isinf(loss))  # the Trainer's check reads the loss on the host
+        mark("after the loss check (sync)")
         if max_grad_norm > 0:
             clip_grad_norm(list(model.parameters()), max_grad_norm, optimizer)
+        mark("clipping launched")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark("optimizer launched")
         return loss.detach()
 
     losses = []
@@ -245,6 +253,17 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
     def once() -> float:  # each diagnostic runs extra steps of the last batch (its callers synchronize around them)
         return train_step(batches[-1])
 
+    if lag:  # after the timed steps: the marks' hooks stay out of the timings
+        from bench.host_lag import LagMarks
+        marks = LagMarks(model)
+        sync()
+        marks.start()
+        for batch in batches:
+            train_step(batch, marks.mark)
+        sync()
+        show("LAG", f"lag_{stack}.md", ": where the GPU waits for the host, events at marks (bench/host_lag.py)",
+             marks.table())
+        marks.remove()
     if profile:  # after the timed steps, so the profiler's overhead stays out of the timings
         show("PROFILE", f"profile_{stack}.md", "", profile_table(once, repeats=3, device=device))
     if trace:
@@ -330,6 +349,10 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=790.0)
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping as train.py's recipes "
                         "set it (config/recipes/*.yaml: 1.0); 0 leaves it out")
+    parser.add_argument("--lag", action="store_true", help="after timing, run the batches again with CUDA events at "
+                        "marks through each step (layers forward, recompute and backward; the step's phases): where "
+                        "the GPU waited for the host, as medians over the steps (bench/host_lag.py), printed and "
+                        "saved as lag_<stack>.md")
     parser.add_argument("--profile", action="store_true", help="after timing, profile 3 more steps of each stack: "
                         "wall, kernel time per group (communication apart), GPU idle and the top kernels, printed and "
                         "saved as profile_<stack>.md")
@@ -355,7 +378,7 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.layers, args.seq, args.micro_batch, args.steps,
                                              args.peak_tflops, args.preset, args.profile, args.sync_debug,
-                                             args.trace, args.memory, args.max_grad_norm)), flush=True)
+                                             args.trace, args.memory, args.max_grad_norm, args.lag)), flush=True)
         return
     results = []
     for stack in round_order(args.stacks.split(","), args.rounds):

@@ -22,8 +22,15 @@ def run(*command, tmp_path):
 
 def test_train_step_bench(tmp_path):
     out = run("bench/train_step.py", "--preset", "tiny", "--layers", "2", "--seq", "256", "--steps", "2",
-              "--stacks", "transformers", "--profile", "--sync_debug", "--trace", "--memory", tmp_path=tmp_path)
+              "--stacks", "transformers", "--profile", "--sync_debug", "--trace", "--memory", "--lag",
+              tmp_path=tmp_path)
     assert "| transformers | " in out and "error" not in out
+    lag = (tmp_path / "lag_transformers.md").read_text()  # every kind of mark, in step order
+    rows = ["| step start |", "| fwd L0 |", "| fwd L1 experts |", "| forward returned |", "| bwd L1 start |",
+            "| rec L1 attn |", "| rec L1 experts |", "| bwd L1 moe-in grad |", "| bwd L0 attn-out grad |",
+            "| optimizer launched |"]
+    assert all(row in lag for row in rows) and sorted(rows, key=lag.index) == rows, lag
+    assert "LAG transformers" in out
     assert (tmp_path / "train_step.md").exists()
     profile = (tmp_path / "profile_transformers.md").read_text()
     for row in ["| wall |", "| compute CPU ops |", "| GEMM (cuBLAS / grouped) |", "| `aten::"]:  # CPU ops for kernels
