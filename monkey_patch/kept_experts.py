@@ -14,7 +14,8 @@ last layer's experts weight gradient), while the kept activations live from thei
 and are freed layer by layer before it. `auto` keeps them when they total at most half the gradients' bytes, for the
 longest micro-batch the run can make (max_seq_length x per-device batch). At 8 layers of Qwen3-30B-A3B and 8K tokens:
 2.2 GiB kept against 10.4 GiB of gradients, peak 41.97 GiB kept against 42.02 recomputed, and the step 1.10x faster
-(train_step_h200_202611.md, run 7). Under FSDP2 or ZeRO-3 the gradients are sharded, so the rule does not hold:
+(train_step_h200_202611.md, run 7; in run 11, 41.97 both and 1.11x, the recomputed experts' backward no longer
+allocating zero gradients). Under FSDP2 or ZeRO-3 the gradients are sharded, so the rule does not hold:
 `auto` recomputes there. `false` works under both (tests/test_distributed.py, 2 CPU processes: the experts run once
 per layer and step, with the losses of one process); on 2 H200s at 8 layers it made the FSDP2 step 6% faster at the
 same peak and the ZeRO-3 step 23% slower (sft_run_h200_202611.md).

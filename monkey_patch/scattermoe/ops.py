@@ -293,8 +293,8 @@ def _setup_context(ctx, inputs, output):
     ctx.fp8 = fp8
     # h and aw are outputs only so that they can be saved; nothing downstream uses them, and autograd would otherwise
     # hand the backward zero-filled [S, 2I] and [S, I] gradients for them: two fills (90 us at 8K tokens of
-    # Qwen3-30B-A3B on the H200) and 0.28 GiB allocated through each layer's experts backward. (The 8-layer bench
-    # step's peak did not move, 41.97 GiB: it is not reached inside that backward.)
+    # Qwen3-30B-A3B on the H200) and 0.28 GiB allocated through each layer's experts backward, where an 8-layer step
+    # with recomputed experts peaks: 42.02 -> 41.97 GiB (bench/results/train_step_h200_202611.md, runs 8 and 11).
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x_TH, gate_up_E2IH, down_EHI, top_k_weights_TK, h_S2I, aw_SI, counts_E, slot_S)
 
