@@ -26,7 +26,8 @@ import torch
 
 def in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread: forward hooks firing then are non-reentrant
-    gradient checkpointing's recompute (torch.utils.checkpoint recomputes inside the backward)."""
+    gradient checkpointing's recompute (torch.utils.checkpoint recomputes inside the backward, and asks autograd the
+    same private question, torch._C._current_graph_task_id, to tell its own recompute apart)."""
     return torch._C._current_graph_task_id() != -1
 
 
