@@ -115,8 +115,11 @@ def packed_batches(steps: int, micro_batch: int, seq: int, vocab: int, device: s
     return on_device, real_tokens, efficiency, context
 
 
-def profile_table(step, repeats: int, device: str) -> str:
-    """Run `step()` `repeats` times under torch.profiler; wall and kernel time per step (sft/profiling.py)."""
+def profile_table(step, batches: list, device: str) -> str:
+    """Run `step(batch)` for each batch under torch.profiler; wall and kernel time per step (sft/profiling.py). All the
+    timed batches, not one repeated: rows differ in attention cost (an 8K row of one document costs several times a
+    row of short ones); run 9 read a profile of the last batch alone as the timed mean's breakdown (bench/results/
+    train_step_h200_202611.md, runs 9 and 10)."""
     import torch
     from torch.profiler import profile
 
@@ -126,11 +129,11 @@ def profile_table(step, repeats: int, device: str) -> str:
     with profile(activities=profiler_activities(device == "cuda")) as prof:
         sync()  # the wall starts with the GPU empty and ends when its last kernel has finished
         start = time.perf_counter()
-        for _ in range(repeats):
-            step()
+        for batch in batches:
+            step(batch)
         sync()
         wall = time.perf_counter() - start
-    return profile_report(prof, repeats, wall)
+    return profile_report(prof, len(batches), wall)
 
 
 def sync_table(step, device: str) -> str:
@@ -265,7 +268,8 @@ def run_one(stack: str, layers: int, seq: int, micro_batch: int, steps: int, pea
              marks.table())
         marks.remove()
     if profile:  # after the timed steps, so the profiler's overhead stays out of the timings
-        show("PROFILE", f"profile_{stack}.md", "", profile_table(once, repeats=3, device=device))
+        show("PROFILE", f"profile_{stack}.md", ": one more pass over the timed batches",
+             profile_table(train_step, batches, device=device))
     if trace:
         show("TRACE", f"idle_{stack}.md", ": two steps, recorded with Python stacks (bench/idle_gaps.py)",
              trace_table(once, stack, device))
@@ -353,7 +357,7 @@ def main() -> None:
                         "marks through each step (layers forward, recompute and backward; the step's phases): where "
                         "the GPU waited for the host, as medians over the steps (bench/host_lag.py), printed and "
                         "saved as lag_<stack>.md")
-    parser.add_argument("--profile", action="store_true", help="after timing, profile 3 more steps of each stack: "
+    parser.add_argument("--profile", action="store_true", help="after timing, profile one more pass over the batches: "
                         "wall, kernel time per group (communication apart), GPU idle and the top kernels, printed and "
                         "saved as profile_<stack>.md")
     parser.add_argument("--sync_debug", action="store_true", help="after timing, run one more step under "
