@@ -38,6 +38,7 @@ import threading
 
 import torch
 
+from monkey_patch import is_moe_layer
 from monkey_patch.errors import PatchError
 
 KEEP_ATTRIBUTE = "keep_activations_under_checkpoint"  # set on each experts module by `keep_experts_activations`
@@ -99,8 +100,6 @@ def experts_forward_keeping_activations(experts_forward):
 
 def kept_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     """What keeping costs: h [K rows per token, 2I] and aw [K, I] per MoE layer (ops.py), in the activations' dtype."""
-    from monkey_patch import is_moe_layer
-
     moe_layers = sum(is_moe_layer(config, layer) for layer in range(config.num_hidden_layers))
     return moe_layers * tokens * config.num_experts_per_tok * 3 * config.moe_intermediate_size * dtype.itemsize
 
@@ -114,7 +113,7 @@ def choose_recompute_experts(requested: str, model: torch.nn.Module, moe_kernel:
         if requested == "false":
             check_kept_experts(moe_kernel, compile_layers)
         return requested == "true", f"--recompute_experts {requested}"
-    if moe_kernel != "scattermoe" or compile_layers:
+    if not keeping_supported(moe_kernel, compile_layers):
         return True, "auto: keeping needs our experts kernel in uncompiled layers"
     if not tokens_per_micro_batch:
         raise PatchError("recompute_experts='auto' needs tokens_per_micro_batch (the longest micro-batch's tokens)")
@@ -130,9 +129,14 @@ def choose_recompute_experts(requested: str, model: torch.nn.Module, moe_kernel:
                       "half the gradients)")
 
 
+def keeping_supported(moe_kernel: str, compile_layers: bool) -> bool:
+    """Keeping is implemented for our experts kernel in uncompiled layers (its wrapper and saved-tensors hooks)."""
+    return moe_kernel == "scattermoe" and not compile_layers
+
+
 def check_kept_experts(moe_kernel: str, compile_layers: bool) -> None:
     """Raise for the setups `--recompute_experts false` does not support (train.py asks before loading the model)."""
-    if moe_kernel != "scattermoe" or compile_layers:
+    if not keeping_supported(moe_kernel, compile_layers):
         raise PatchError("--recompute_experts false is implemented for our experts kernel in uncompiled layers: use "
                          "--moe_kernel auto and --compile_layers false, or --recompute_experts true")
 
